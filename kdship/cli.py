@@ -1,0 +1,204 @@
+"""The `kdship` command line: thin. Each command builds its typed config and calls a library function.
+
+Heavy libraries are imported inside commands so `kdship --help` is instant. A user's mistake (a KdshipError) is
+printed as one line on stderr with a non-zero exit code, never as a traceback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+app = typer.Typer(help="Distill a large transformer into a small, fast, deployable one.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+
+
+def command(fn: Callable | None = None, *, name: str | None = None) -> Callable:
+    """Register a command whose KdshipErrors become one line on stderr and the error's exit code."""
+    if fn is None:
+        return functools.partial(command, name=name)
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        from kdship.errors import KdshipError
+
+        _quiet_libraries()
+        try:
+            return fn(*args, **kwargs)
+        except KdshipError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted; rerun with --resume to continue from the last checkpoint", err=True)
+            raise typer.Exit(130) from None
+
+    return app.command(name=name)(run)
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bar and messages are the CLI's output; transformers' per-file bars and hints are noise."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+# ---- options shared by several commands (declared once) -----------------------------------------------------------
+Recipe = Annotated[Optional[str], typer.Option("--recipe", "-r", help="YAML recipe (pipelines/*.yaml); flags override it")]
+Output = Annotated[Optional[str], typer.Option("--output", "-o", help="output folder")]
+Data = Annotated[Optional[str], typer.Option("--data", help="train data: csv/tsv/jsonl/parquet/txt, folder, or hub id")]
+EvalData = Annotated[Optional[str], typer.Option("--eval-data", help="eval data for periodic evaluation")]
+TextColumn = Annotated[Optional[list[str]], typer.Option("--text-column", help="text column (twice for pairs)")]
+LabelColumn = Annotated[Optional[str], typer.Option("--label-column", help="label column (default: label)")]
+MaxLength = Annotated[Optional[int], typer.Option("--max-length", help="truncate to this many tokens")]
+MaxTrain = Annotated[Optional[int], typer.Option("--max-train-samples", help="use the first N training rows")]
+MaxEval = Annotated[Optional[int], typer.Option("--max-eval-samples", help="use the first N eval rows")]
+Objective = Annotated[Optional[str], typer.Option("--objective", help="classify | mlm")]
+Epochs = Annotated[Optional[float], typer.Option("--epochs")]
+MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help="stop after N optimizer steps")]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size")]
+GradAccum = Annotated[Optional[int], typer.Option("--grad-accum", help="micro-batches per optimizer step")]
+Lr = Annotated[Optional[float], typer.Option("--lr")]
+EvalEvery = Annotated[Optional[int], typer.Option("--eval-every", help="evaluate every N steps (default: per epoch)")]
+SaveEvery = Annotated[Optional[int], typer.Option("--save-every", help="checkpoint every N steps for --resume")]
+Seed = Annotated[Optional[int], typer.Option("--seed")]
+Device = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda")]
+Precision = Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 on CUDA) | fp32 | bf16")]
+Resume = Annotated[Optional[bool], typer.Option("--resume", help="continue an interrupted run from its checkpoint")]
+Overwrite = Annotated[Optional[bool], typer.Option("--overwrite", help="replace an existing output")]
+
+
+def _data(train: str | None = None, eval: str | None = None, text_columns: list[str] | None = None,
+          label_column: str | None = None, max_length: int | None = None, max_train_samples: int | None = None,
+          max_eval_samples: int | None = None) -> dict[str, Any]:
+    return {"train": train, "eval": eval, "text_columns": text_columns or None, "label_column": label_column,
+            "max_length": max_length, "max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples}
+
+
+def _print_run(result: dict[str, Any]) -> None:
+    metrics = {k: v for k, v in result.get("metrics", {}).items() if isinstance(v, float)}
+    shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+    typer.echo(f"wrote {result['output']}  {shown}")
+
+
+@command
+def train(
+    model: Annotated[Optional[str], typer.Option("--model", help="save_pretrained folder or hub id")] = None,
+    init: Annotated[Optional[str], typer.Option("--init", help="shape spec, e.g. bert:layers=12,hidden=768")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="tokenizer folder or hub id")] = None,
+    vocab_size: Annotated[Optional[int], typer.Option("--vocab-size", help="for a tokenizer trained on the data")] = None,
+    data: Data = None, eval_data: EvalData = None, text_column: TextColumn = None, label_column: LabelColumn = None,
+    max_length: MaxLength = None, max_train_samples: MaxTrain = None, max_eval_samples: MaxEval = None,
+    objective: Objective = None, epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None,
+    grad_accum: GradAccum = None, lr: Lr = None, eval_every: EvalEvery = None, save_every: SaveEvery = None,
+    seed: Seed = None, device: Device = None, precision: Precision = None, output: Output = None,
+    recipe: Recipe = None, resume: Resume = None, overwrite: Overwrite = None,
+) -> None:
+    """Fine-tune (or --objective mlm pretrain) one model: how teachers are made."""
+    from kdship.config import TrainConfig, build_config
+    from kdship.train import train as run
+
+    cfg = build_config(
+        TrainConfig, recipe, model=model, init=init, tokenizer=tokenizer, vocab_size=vocab_size,
+        data=_data(data, eval_data, text_column, label_column, max_length, max_train_samples, max_eval_samples),
+        objective=objective, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+        lr=lr, eval_every=eval_every, save_every=save_every, seed=seed, device=device, precision=precision,
+        output=output, resume=resume, overwrite=overwrite)
+    _print_run(run(cfg))
+
+
+def _losses(specs: list[str] | None) -> list[dict[str, Any]] | None:
+    """--loss kd:0.5 --loss ce:0.5 --loss hidden_mse:1:0 (name[:weight[:weight_end]])."""
+    from kdship.errors import ConfigError
+
+    if not specs:
+        return None
+    losses = []
+    for spec in specs:
+        name, *weights = spec.split(":")
+        try:
+            values = [float(w) for w in weights]
+        except ValueError:
+            raise ConfigError(f"--loss {spec!r}: weights must be numbers (name[:weight[:weight_end]])") from None
+        losses.append({"name": name} | dict(zip(("weight", "weight_end"), values)))
+    return losses
+
+
+@command
+def distill(
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help="teacher folder or hub id")] = None,
+    student: Annotated[Optional[str], typer.Option("--student", help="folder, hub id or shape spec")] = None,
+    loss: Annotated[Optional[list[str]], typer.Option("--loss", help="name[:weight[:weight_end]], repeatable")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature")] = None,
+    layer_map: Annotated[Optional[str], typer.Option("--layer-map", help="e.g. 0,2,4 (teacher hidden index per "
+                                                                         "student hidden state)")] = None,
+    data: Data = None, eval_data: EvalData = None, text_column: TextColumn = None, label_column: LabelColumn = None,
+    max_length: MaxLength = None, max_train_samples: MaxTrain = None, max_eval_samples: MaxEval = None,
+    objective: Objective = None, epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None,
+    grad_accum: GradAccum = None, lr: Lr = None, eval_every: EvalEvery = None, save_every: SaveEvery = None,
+    seed: Seed = None, device: Device = None, precision: Precision = None, output: Output = None,
+    recipe: Recipe = None, resume: Resume = None, overwrite: Overwrite = None,
+) -> None:
+    """Distill a student from a teacher (soft/hard labels, hidden-state and attention matching)."""
+    from kdship.config import DistillConfig, build_config
+    from kdship.distill import distill as run
+
+    cfg = build_config(
+        DistillConfig, recipe, teacher=teacher, student=student, losses=_losses(loss), temperature=temperature,
+        layer_map=layer_map.split(",") if layer_map else None,
+        data=_data(data, eval_data, text_column, label_column, max_length, max_train_samples, max_eval_samples),
+        objective=objective, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+        lr=lr, eval_every=eval_every, save_every=save_every, seed=seed, device=device, precision=precision,
+        output=output, resume=resume, overwrite=overwrite)
+    _print_run(run(cfg))
+
+
+@command(name="eval")
+def evaluate(
+    student: Annotated[str, typer.Option("--student", help="student folder")],
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help="teacher folder (for retention/agreement)")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="eval data file or hub id[:split]")] = None,
+    text_column: TextColumn = None, label_column: LabelColumn = None, max_length: MaxLength = None,
+    max_eval_samples: MaxEval = None,
+    batch_size: BatchSize = None, device: Device = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="JSON path (default STUDENT/eval.json)")] = None,
+    recipe: Recipe = None,
+) -> None:
+    """Evaluate student and teacher on the same split: accuracy, macro-F1, retention, agreement, ECE."""
+    from kdship.config import EvalConfig, build_config
+    from kdship.evaluate import evaluate as run
+    from kdship.evaluate import print_eval
+
+    cfg = build_config(EvalConfig, recipe, student=student, teacher=teacher, batch_size=batch_size, device=device,
+                       output=output, data=_data(None, data, text_column, label_column, max_length, None,
+                                                 max_eval_samples))
+    print_eval(run(cfg))
+
+
+@command(name="list")
+def list_(what: Annotated[str, typer.Argument(help="losses")] = "losses") -> None:
+    """List registered components (losses)."""
+    from kdship.registries import list_components
+
+    list_components(what)
+
+
+@command
+def quickstart(
+    output: Annotated[str, typer.Option("--output", "-o", help="where the run goes")] = "kdship-quickstart",
+    overwrite: Overwrite = None, seed: Seed = None, device: Device = None,
+) -> None:
+    """Offline end to end on a built-in synthetic task: make data, train a teacher, distill a student, evaluate."""
+    from kdship.config import QuickstartConfig, build_config
+    from kdship.quickstart import quickstart as run
+
+    run(build_config(QuickstartConfig, output=output, overwrite=overwrite, seed=seed, device=device))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,213 @@
+"""One typed config per command. Defaults < YAML recipe < flags, into the same pydantic model.
+
+Unknown keys and out-of-range values are errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdship.errors import ConfigError
+
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DataConfig(Strict):
+    """Where the examples come from and which columns hold text and labels."""
+
+    train: str | None = Field(None, description="train file (csv/tsv/jsonl/parquet/txt[.gz]/folder) or hub id")
+    eval: str | None = Field(None, description="eval file or hub id (hub ids may end in :split)")
+    text_columns: list[str] | None = Field(None, description="one column (single text) or two (sentence pairs)")
+    label_column: str = "label"
+    max_length: int = Field(128, ge=8, le=8192)
+    max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(None, ge=1)
+
+    @field_validator("text_columns")
+    @classmethod
+    def _one_or_two(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and len(v) not in (1, 2):
+            raise ValueError("give one text column, or two for sentence pairs")
+        return v
+
+
+class LossSpec(Strict):
+    """A named loss from the registry (`kdship list losses`), its weight and an optional linear weight schedule."""
+
+    name: str
+    weight: float = Field(1.0, ge=0)
+    weight_end: float | None = Field(None, ge=0, description="weight reached at the last step (linear)")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from kdship.losses import LOSSES
+
+        if v not in LOSSES:
+            raise ValueError(f"unknown loss '{v}'; known losses: {', '.join(sorted(LOSSES))}")
+        return v
+
+
+class RunConfig(Strict):
+    """What every training run shares: output, data, optimisation, loop, checkpoints."""
+
+    output: str | None = None
+    data: DataConfig = DataConfig()
+    objective: Literal["classify", "mlm"] = "classify"
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-5, gt=0, le=1.0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float = Field(1.0, gt=0)
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    eval_every: int | None = Field(None, ge=1, description="evaluate every N steps (default: once per epoch)")
+    save_every: int = Field(100, ge=1, description="write a resumable checkpoint every N steps")
+    seed: int = 42
+    device: Device = "auto"
+    precision: Precision = "auto"
+    overwrite: bool = False
+    resume: bool = False
+
+
+class TrainConfig(RunConfig):
+    """`kdship train`: fine-tune or MLM-pretrain one model (how teachers are made)."""
+
+    model: str | None = Field(None, description="local save_pretrained dir or hub id")
+    init: str | None = Field(None, description="shape spec, e.g. bert:layers=12,hidden=768,heads=12,ffn=3072")
+    tokenizer: str | None = Field(None, description="tokenizer dir/hub id; default: the model's, or trained on the data")
+    vocab_size: int = Field(8000, ge=100, description="size of a tokenizer trained on the data (with --init)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TrainConfig":
+        if (self.model is None) == (self.init is None):
+            raise ValueError("give exactly one of model (a path or hub id) or init (a shape spec)")
+        return self
+
+
+def _default_losses() -> list[LossSpec]:
+    return [LossSpec(name="kd", weight=0.5), LossSpec(name="ce", weight=0.5)]
+
+
+class DistillConfig(RunConfig):
+    """`kdship distill`: a student learns from a teacher."""
+
+    teacher: str | None = None
+    student: str | None = Field(None, description="path, hub id, or shape spec (bert:layers=4,hidden=312,...)")
+    losses: list[LossSpec] = Field(default_factory=_default_losses)
+    temperature: float = Field(2.0, gt=0)
+    layer_map: list[int] | None = Field(
+        None, description="teacher hidden-state index for each student hidden state (0 = embeddings); default uniform"
+    )
+    init_from_teacher: bool = Field(True, description="copy every k-th teacher layer into a same-width spec student")
+    lr: float = Field(1e-4, gt=0, le=1.0)
+
+    @model_validator(mode="after")
+    def _has_losses(self) -> "DistillConfig":
+        if not self.losses:
+            raise ValueError("losses is empty; give at least one (kdship list losses)")
+        return self
+
+
+class EvalConfig(Strict):
+    """`kdship eval`: teacher and student on the same split, in one run."""
+
+    teacher: str | None = None
+    student: str
+    data: DataConfig = DataConfig()
+    batch_size: int = Field(128, ge=1)
+    ece_bins: int = Field(15, ge=2, le=100)
+    output: str | None = Field(None, description="JSON path; default STUDENT/eval.json")
+    device: Device = "auto"
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (_drop_none(v) if isinstance(v, dict) else v) for k, v in d.items() if v is not None}
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} not found; check the path (shipped recipes are in pipelines/)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"recipe {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
+    field = ".".join(str(p) for p in error["loc"]) or "config"
+    if error["type"] == "extra_forbidden":
+        return f"unknown key '{field}'{_valid_keys_hint(model, error['loc'])}"
+    msg = error["msg"].removeprefix("Value error, ")
+    got = error.get("input")
+    shown = "" if isinstance(got, dict) or error["type"] == "missing" else f" (got {got!r})"
+    return f"{field}: {msg}{shown}"
+
+
+def _valid_keys_hint(model: type[BaseModel], loc: tuple) -> str:
+    for part in loc[:-1]:
+        annotation = model.model_fields.get(str(part))
+        inner = getattr(annotation, "annotation", None) if annotation else None
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            return ""
+        model = inner
+    return f"; valid keys: {', '.join(model.model_fields)}"
+
+
+def build_config(cls: type[C], recipe: str | Path | None = None, **flags: Any) -> C:
+    """Defaults < recipe < flags (flags left as None do not override)."""
+    merged = _deep_merge(read_recipe(recipe) if recipe else {}, _drop_none(flags))
+    try:
+        return cls.model_validate(merged)
+    except ValidationError as e:
+        problems = "; ".join(_describe(err, cls) for err in e.errors())
+        source = f" in {recipe}" if recipe else ""
+        raise ConfigError(f"invalid {cls.__name__}{source}: {problems}") from None
+
+
+def to_record(config: BaseModel) -> dict[str, Any]:
+    return config.model_dump(mode="json")
+
+
+class QuickstartConfig(Strict):
+    """`kdship quickstart`: the built-in offline run."""
+
+    output: str = "kdship-quickstart"
+    seed: int = 0
+    train_size: int = Field(4000, ge=100)
+    eval_size: int = Field(800, ge=50)
+    device: Device = "auto"
+    overwrite: bool = False

@@ -1,0 +1,256 @@
+"""Examples from files or hub datasets -> tokenized, length-bucketed, dynamically padded batches.
+
+Local formats: csv, tsv (GLUE-style, loaded as is), jsonl/json, parquet, and for unlabeled text (MLM) txt or
+txt.gz files with one text per line, or a folder of them. Anything else that is not a local path is tried as a
+`datasets` hub id, optionally `id:split`."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import pandas as pd
+
+from kdship.errors import DataError
+
+TABLE_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet"}
+TEXT_SUFFIXES = {".txt", ".gz"}
+# Column names tried in order when text_columns is not given: single texts, then the GLUE pair layouts.
+KNOWN_TEXT_COLUMNS = [["sentence"], ["text"], ["sentence1", "sentence2"], ["question", "sentence"],
+                      ["premise", "hypothesis"], ["question1", "question2"], ["content"], ["review"]]
+
+
+@dataclass
+class TextTable:
+    """Raw examples: texts (one column or a pair) and, for labelled data, raw label values."""
+
+    texts: list[tuple[str, ...]]
+    raw_labels: list[Any] | None
+    source: str
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+# ---- reading ------------------------------------------------------------------------------------------------------
+
+
+def _file_fingerprint(paths: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def _read_frame(path: Path) -> pd.DataFrame:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".tsv":  # GLUE TSVs hold raw quotes: never treat them as CSV quoting
+            return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False, dtype=str)
+        if suffix == ".csv":
+            return pd.read_csv(path, keep_default_na=False, dtype=str)
+        if suffix in (".jsonl", ".json"):
+            return pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
+        return pd.read_parquet(path)
+    except (ValueError, pd.errors.ParserError, OSError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"data file {path} could not be read as {suffix[1:]}: {first}; check its format") from None
+
+
+def _read_hub(source: str) -> pd.DataFrame:
+    name, _, split = source.partition(":")
+    try:
+        import datasets
+
+        return datasets.load_dataset(name, split=split or "train").to_pandas()
+    except Exception as e:  # datasets raises many types (offline, missing split, bad id): all are "cannot load"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"'{source}' is not a local file and could not be loaded as a hub dataset ({first}); "
+            "check the path or the hub id"
+        ) from None
+
+
+def _text_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in TEXT_SUFFIXES or p.name.endswith(".txt.gz")))
+        if not files:
+            raise DataError(f"folder {path} holds no .txt or .txt.gz files; point at a text file or a folder of them")
+        return files
+    return [path]
+
+
+def _read_lines(files: Sequence[Path]) -> list[str]:
+    lines: list[str] = []
+    for f in files:
+        opener = gzip.open if f.name.endswith(".gz") else open
+        try:
+            with opener(f, "rt", encoding="utf-8") as fh:
+                lines.extend(line.strip() for line in fh if line.strip())
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"text file {f} could not be read ({e}); give UTF-8 text, one example per line") from None
+    return lines
+
+
+def pick_text_columns(columns: Sequence[str], wanted: Sequence[str] | None, source: str) -> list[str]:
+    if wanted:
+        missing = [c for c in wanted if c not in columns]
+        if missing:
+            raise DataError(f"{source} has no column {missing[0]!r} (columns: {', '.join(map(str, columns))}); "
+                            "set data.text_columns / --text-column")
+        return list(wanted)
+    for candidate in KNOWN_TEXT_COLUMNS:
+        if all(c in columns for c in candidate):
+            return candidate
+    raise DataError(f"{source} has no text column I recognise (columns: {', '.join(map(str, columns))}); "
+                    "set data.text_columns / --text-column")
+
+
+def load_table(source: str, text_columns: Sequence[str] | None, label_column: str | None,
+               max_samples: int | None = None) -> TextTable:
+    """Read a labelled (label_column given) or unlabeled (label_column None) table of texts."""
+    path = Path(source).expanduser()
+    is_text_file = path.is_dir() or path.name.endswith((".txt", ".txt.gz"))
+    if path.exists() and is_text_file:
+        if label_column is not None:
+            raise DataError(f"{source} is plain text without labels; classification needs csv/tsv/jsonl/parquet "
+                            "with a label column (plain text is for --objective mlm)")
+        files = _text_files(path)
+        texts = [(t,) for t in _read_lines(files)]
+        table = TextTable(texts, None, str(path), _file_fingerprint(files))
+    elif path.exists():
+        table = _table_from_frame(_read_frame(path), text_columns, label_column, str(path), _file_fingerprint([path]))
+    elif path.suffix.lower() in TABLE_SUFFIXES | TEXT_SUFFIXES or source.startswith((".", "/", "~")):
+        raise DataError(f"data file {source} not found; check the path")
+    else:
+        frame = _read_hub(source)
+        table = _table_from_frame(frame, text_columns, label_column, source, f"hub:{source}:{len(frame)}")
+    if len(table) == 0:
+        raise DataError(f"data {source} holds no examples; give a file with at least one row")
+    if max_samples is not None:
+        table = TextTable(table.texts[:max_samples], table.raw_labels and table.raw_labels[:max_samples],
+                          table.source, table.fingerprint + f":first{max_samples}")
+    return table
+
+
+def _table_from_frame(frame: pd.DataFrame, text_columns: Sequence[str] | None, label_column: str | None,
+                      source: str, fingerprint: str) -> TextTable:
+    columns = [str(c) for c in frame.columns]
+    cols = pick_text_columns(columns, text_columns, source)
+    texts = list(zip(*(frame[c].astype(str).tolist() for c in cols)))
+    labels = None
+    if label_column is not None:
+        if label_column not in columns:
+            raise DataError(f"{source} has no label column {label_column!r} (columns: {', '.join(columns)}); "
+                            "set data.label_column / --label-column")
+        labels = frame[label_column].tolist()
+        if any(pd.isna(v) or v == "" for v in labels):
+            raise DataError(f"{source} has rows without a label in column {label_column!r}; fill or drop them")
+    return TextTable(texts, labels, source, fingerprint)
+
+
+# ---- labels -------------------------------------------------------------------------------------------------------
+
+
+def _as_int(value: Any) -> int | None:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(f) if f.is_integer() else None
+
+
+def label_names_from_data(raw: Sequence[Any]) -> list[str]:
+    """Integer labels 0..n-1 keep their order; string labels are sorted."""
+    ints = [_as_int(v) for v in raw]
+    if all(i is not None for i in ints):
+        if min(ints) < 0:
+            raise DataError(f"labels must be 0..n-1, found {min(ints)}; remap them")
+        return [str(i) for i in range(max(ints) + 1)]
+    return sorted({str(v) for v in raw})
+
+
+def encode_labels(raw: Sequence[Any], label_names: Sequence[str], source: str) -> list[int]:
+    """Map raw labels to ids by name; integer labels that are not names are taken as ids."""
+    index = {name: i for i, name in enumerate(label_names)}
+    ids = []
+    for v in raw:
+        i = index.get(str(v))
+        as_int = _as_int(v)
+        if i is None and as_int is not None:
+            i = index.get(str(as_int), as_int if 0 <= as_int < len(label_names) else None)
+        if i is None:
+            raise DataError(f"{source} has label {v!r}, which the model does not know (labels: "
+                            f"{', '.join(label_names)}); check the label column or the model's id2label")
+        ids.append(i)
+    return ids
+
+
+# ---- tokenizing and batching --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Encoded:
+    """Tokenized examples: one dict of token lists per example, plus labels (or None)."""
+
+    features: list[dict[str, list[int]]]
+    labels: list[int] | None
+
+    def lengths(self) -> list[int]:
+        return [len(f["input_ids"]) for f in self.features]
+
+
+def tokenize(tokenizer: Any, table: TextTable, max_length: int, labels: list[int] | None) -> Encoded:
+    columns = list(zip(*table.texts))
+    enc = tokenizer(*columns, truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in enc]
+    features = [{k: enc[k][i] for k in keys} for i in range(len(table))]
+    return Encoded(features, labels)
+
+
+def bucket_batches(lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool) -> list[list[int]]:
+    """Batches of similar length (less padding): shuffle, sort within chunks of 50 batches, shuffle batches.
+
+    Deterministic for a given seed, so a resumed run sees exactly the batches it would have seen."""
+    order = list(range(len(lengths)))
+    rng = random.Random(seed)
+    if shuffle:
+        rng.shuffle(order)
+    chunk = batch_size * 50
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start:start + chunk], key=lambda i: lengths[i])
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    if shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+def collate(tokenizer: Any, encoded: Encoded, indices: Sequence[int], mlm_collator: Any = None,
+            mask_seed: int | None = None) -> dict[str, Any]:
+    """Pad one batch to its longest example. MLM masking is seeded per batch, so it does not depend on history."""
+    import torch
+
+    feats = [encoded.features[i] for i in indices]
+    if mlm_collator is not None:
+        mlm_collator.generator = torch.Generator().manual_seed(mask_seed or 0)
+        return dict(mlm_collator(feats))
+    batch = dict(tokenizer.pad(feats, return_tensors="pt"))
+    if encoded.labels is not None:
+        batch["labels"] = torch.tensor([encoded.labels[i] for i in indices], dtype=torch.long)
+    return batch
+
+
+def iterate_batches(tokenizer: Any, encoded: Encoded, batch_size: int) -> Iterator[tuple[list[int], dict[str, Any]]]:
+    """Evaluation order: length-bucketed, unshuffled; yields (indices, batch)."""
+    for indices in bucket_batches(encoded.lengths(), batch_size, seed=0, shuffle=False):
+        yield indices, collate(tokenizer, encoded, indices)

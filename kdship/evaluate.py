@@ -1,0 +1,152 @@
+"""Student vs teacher on the same data: accuracy, macro-F1, retention, agreement, calibration, per-class table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdship.config import EvalConfig
+from kdship.data import Encoded, iterate_batches
+
+
+@torch.no_grad()
+def predict_logits(model: Any, tokenizer: Any, encoded: Encoded, batch_size: int, device: torch.device,
+                   autocast: Any = None) -> torch.Tensor:
+    """Logits for every example, in the data's order (batches are length-bucketed, then put back)."""
+    model.eval()
+    out = torch.empty(len(encoded.features), model.config.num_labels)
+    for indices, batch in iterate_batches(tokenizer, encoded, batch_size):
+        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        with autocast() if autocast else torch.autocast(device.type, enabled=False):
+            logits = model(**batch).logits
+        out[torch.tensor(indices)] = logits.float().cpu()
+    return out
+
+
+@torch.no_grad()
+def mlm_loss(model: Any, tokenizer: Any, encoded: Encoded, batch_size: int, device: torch.device,
+             mlm_collator: Any) -> float:
+    """Mean masked-token cross-entropy with a fixed masking seed, so values compare across runs and models."""
+    from kdship.data import bucket_batches, collate
+
+    model.eval()
+    total, count = 0.0, 0
+    for i, indices in enumerate(bucket_batches(encoded.lengths(), batch_size, seed=0, shuffle=False)):
+        batch = {k: v.to(device) for k, v in collate(tokenizer, encoded, indices, mlm_collator, 1000 + i).items()}
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        labels = batch["labels"]
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                                   reduction="sum").item()
+        count += int(labels.ne(-100).sum())
+    return total / max(count, 1)
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """ECE: |accuracy - confidence| averaged over equal-width confidence bins, weighted by bin size (Guo et al. 2017)."""
+    confidence, predicted = probs.max(-1)
+    correct = predicted.eq(labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (confidence > lo) & (confidence <= hi)
+        if in_bin.any():
+            ece += in_bin.float().mean().item() * abs(correct[in_bin].mean().item() - confidence[in_bin].mean().item())
+    return ece
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, label_names: list[str],
+                           ece_bins: int = 15) -> dict[str, Any]:
+    predicted = logits.argmax(-1)
+    per_class = {}
+    f1s = []
+    for i, name in enumerate(label_names):
+        tp = int(((predicted == i) & (labels == i)).sum())
+        predicted_i, actual_i = int((predicted == i).sum()), int((labels == i).sum())
+        precision = tp / predicted_i if predicted_i else 0.0
+        recall = tp / actual_i if actual_i else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": actual_i}
+        if actual_i:
+            f1s.append(f1)
+    return {
+        "accuracy": predicted.eq(labels).float().mean().item(),
+        "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0,
+        "ece": expected_calibration_error(logits.softmax(-1), labels, ece_bins),
+        "per_class": per_class,
+        "n": len(labels),
+    }
+
+
+def compare(student: dict[str, Any], teacher: dict[str, Any], student_logits: torch.Tensor,
+            teacher_logits: torch.Tensor) -> dict[str, float]:
+    return {
+        "retention": student["accuracy"] / teacher["accuracy"] if teacher["accuracy"] else 0.0,
+        "agreement": student_logits.argmax(-1).eq(teacher_logits.argmax(-1)).float().mean().item(),
+    }
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """`kdship eval`: both models on the same split in one run; writes JSON next to the student (or cfg.output)."""
+    from kdship.artifacts import atomic_write_json
+    from kdship.data import encode_labels, load_table, tokenize
+    from kdship.errors import ConfigError, ModelError
+    from kdship.loop import pick_device
+    from kdship.models import build_model, label_names_of, load_config, load_tokenizer
+
+    if not cfg.data.eval:
+        raise ConfigError("no eval data; pass --data FILE (or data.eval in the recipe)")
+    device = pick_device(cfg.device)
+    student_config = load_config(cfg.student, "student")
+    names = label_names_of(student_config)
+    if names is None:
+        raise ModelError(f"student {cfg.student} has no classification head; train or distill it first")
+    tokenizer = load_tokenizer(cfg.teacher or cfg.student, "teacher" if cfg.teacher else "student")
+    table = load_table(cfg.data.eval, cfg.data.text_columns, cfg.data.label_column, cfg.data.max_eval_samples)
+    labels = torch.tensor(encode_labels(table.raw_labels, names, table.source))
+    encoded = tokenize(tokenizer, table, cfg.data.max_length, None)
+    models = {"student": cfg.student} | ({"teacher": cfg.teacher} if cfg.teacher else {})
+    result: dict[str, Any] = {"data": {"source": table.source, "fingerprint": table.fingerprint, "n": len(table)},
+                              "label_names": names, "device": str(device)}
+    logits = {}
+    for role, source in models.items():
+        config = load_config(source, role)
+        if label_names_of(config) != names:
+            raise ModelError(f"{role} {source} has labels {label_names_of(config)} but the student has {names}; "
+                             "evaluate models trained on the same labels")
+        model = build_model("classify", source).to(device)
+        logits[role] = predict_logits(model, tokenizer, encoded, cfg.batch_size, device)
+        result[role] = {"source": source, **classification_metrics(logits[role], labels, names, cfg.ece_bins)}
+    if cfg.teacher:
+        result["comparison"] = compare(result["student"], result["teacher"], logits["student"], logits["teacher"])
+    out = Path(cfg.output) if cfg.output else Path(cfg.student) / "eval.json"
+    atomic_write_json(out, result)
+    result["output"] = str(out)
+    return result
+
+
+def print_eval(result: dict[str, Any]) -> None:
+    """A rich table: one column per model, then the per-class table of the student."""
+    from rich.console import Console
+    from rich.table import Table
+
+    roles = [r for r in ("teacher", "student") if r in result]
+    table = Table(title=f"eval on {result['data']['source']} (n={result['data']['n']})")
+    table.add_column("metric")
+    for role in roles:
+        table.add_column(role, justify="right")
+    for metric in ("accuracy", "macro_f1", "ece"):
+        table.add_row(metric, *(f"{result[r][metric]:.4f}" for r in roles))
+    for metric, value in result.get("comparison", {}).items():
+        table.add_row(metric, *([""] * (len(roles) - 1)), f"{value:.4f}")
+    per_class = Table(title="student per class")
+    for col in ("label", "precision", "recall", "f1", "support"):
+        per_class.add_column(col, justify="left" if col == "label" else "right")
+    for name, row in result["student"]["per_class"].items():
+        per_class.add_row(name, f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}",
+                          str(row["support"]))
+    console = Console()
+    console.print(table)
+    console.print(per_class)
+    console.print(f"wrote {result['output']}")

@@ -1,0 +1,244 @@
+"""The training loop shared by `train` and `distill`: optimizer, schedule, accumulation, periodic evaluation,
+best-checkpoint keeping, resumable checkpoints, progress. What a step computes is the caller's `step_fn`."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdship.config import RunConfig, to_record
+from kdship.data import Encoded, bucket_batches, collate
+from kdship.errors import ConfigError
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best"
+# Flags that say how to start a run, not what the run is: they may differ between a run and its resume.
+START_FLAGS = ("resume", "overwrite")
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for but CUDA is not available here; use --device cpu or auto")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """bf16 autocast on CUDA (auto or bf16), plain fp32 on CPU (auto) unless bf16 is asked for."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_dir_for(output: Path) -> Path:
+    """Where an unfinished run keeps its checkpoint and best weights; removed once the output is in place."""
+    return output.parent / f".{output.name}.kdship-run"
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    epoch: int = 0
+    group_in_epoch: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    samples_seen: int = 0
+    train_seconds: float = 0.0
+
+
+@dataclass
+class Objective:
+    """What the loop optimises and how it judges progress."""
+
+    step_fn: Callable[[dict[str, Any], float], tuple[torch.Tensor, dict[str, float]]]  # (batch, progress) -> loss, logs
+    evaluate: Callable[[], dict[str, float]]
+    metric: str  # key of evaluate()'s result used to keep the best checkpoint
+    higher_is_better: bool
+    save_best: Callable[[Path], None]  # writes the model(s) worth keeping into a folder
+
+
+def _optimizer(cfg: RunConfig, trainable: nn.Module) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in trainable.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=False)
+
+
+def _scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
+
+
+def total_steps_for(cfg: RunConfig, n_examples: int) -> tuple[int, int]:
+    groups_per_epoch = math.ceil(math.ceil(n_examples / cfg.batch_size) / cfg.grad_accum)
+    return (cfg.max_steps or max(1, math.ceil(cfg.epochs * groups_per_epoch))), groups_per_epoch
+
+
+class Checkpointer:
+    """One file, written atomically, holding everything a resumed run needs to continue exactly."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig):
+        self.path = run_dir / CHECKPOINT
+        self.fingerprint = {k: v for k, v in to_record(cfg).items() if k not in START_FLAGS}
+
+    def save(self, trainable: nn.Module, optimizer: Any, scheduler: Any, state: LoopState) -> None:
+        payload = {"config": self.fingerprint, "model": trainable.state_dict(), "optimizer": optimizer.state_dict(),
+                   "scheduler": scheduler.state_dict(), "state": asdict(state), "rng": _rng_state()}
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, self.path)
+
+    def load(self, trainable: nn.Module, optimizer: Any, scheduler: Any) -> LoopState:
+        payload = torch.load(self.path, map_location="cpu", weights_only=False)
+        changed = [k for k in self.fingerprint if payload["config"].get(k) != self.fingerprint[k]]
+        if changed:
+            raise ConfigError(f"checkpoint {self.path} was made with a different {changed[0]!r}; resume with the "
+                              "same settings, or pass --overwrite to start again")
+        trainable.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        _set_rng_state(payload["rng"])
+        return LoopState(**payload["state"])
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def prepare_run_dir(output: Path, cfg: RunConfig) -> Path:
+    """Refuse to clobber a finished output or silently restart an interrupted run."""
+    run_dir = run_dir_for(output)
+    if output.exists() and not cfg.overwrite:
+        raise ConfigError(f"output {output} already exists; pass --overwrite or choose another --output")
+    if (run_dir / CHECKPOINT).exists() and not (cfg.resume or cfg.overwrite):
+        raise ConfigError(f"an interrupted run of {output} exists; pass --resume to continue it or --overwrite "
+                          "to start again")
+    if cfg.overwrite and not cfg.resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _is_better(value: float, best: float | None, higher: bool) -> bool:
+    return best is None or (value > best if higher else value < best)
+
+
+def _save_best(objective: Objective, run_dir: Path) -> None:
+    tmp = run_dir / f"{BEST}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    objective.save_best(tmp)
+    shutil.rmtree(run_dir / BEST, ignore_errors=True)
+    os.replace(tmp, run_dir / BEST)
+
+
+def fit(cfg: RunConfig, trainable: nn.Module, objective: Objective, train: Encoded, tokenizer: Any,
+        run_dir: Path, mlm_collator: Any = None, progress_label: str = "train") -> LoopState:
+    """Run the loop to cfg's step budget, resuming from run_dir's checkpoint when cfg.resume is set."""
+    total, groups_per_epoch = total_steps_for(cfg, len(train.features))
+    optimizer = _optimizer(cfg, trainable)
+    scheduler = _scheduler(cfg, optimizer, total)
+    checkpointer = Checkpointer(run_dir, cfg)
+    state = LoopState()
+    if cfg.resume and checkpointer.path.exists():
+        state = checkpointer.load(trainable, optimizer, scheduler)
+    eval_every = cfg.eval_every or groups_per_epoch
+    lengths = train.lengths()
+    with _progress(progress_label, total, state.step) as bar:
+        while state.step < total:
+            batches = bucket_batches(lengths, cfg.batch_size, seed=cfg.seed * 1000 + state.epoch, shuffle=True)
+            groups = [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
+            for gi in range(state.group_in_epoch, len(groups)):
+                started = time.perf_counter()
+                trainable.train()
+                logs: dict[str, float] = {}
+                for bi, indices in enumerate(groups[gi]):
+                    mask_seed = hash((cfg.seed, state.epoch, gi, bi)) & 0x7FFFFFFF
+                    batch = collate(tokenizer, train, indices, mlm_collator, mask_seed)
+                    loss, logs = objective.step_fn(batch, state.step / total)
+                    (loss / len(groups[gi])).backward()
+                    state.samples_seen += len(indices)
+                torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.group_in_epoch = gi + 1
+                state.train_seconds += time.perf_counter() - started
+                bar(state, logs)
+                if state.step % eval_every == 0 or state.step == total:
+                    _evaluate(objective, state, run_dir)
+                if state.step % cfg.save_every == 0 and state.step < total:
+                    checkpointer.save(trainable, optimizer, scheduler, state)
+                if state.step >= total:
+                    break
+            else:
+                state.epoch += 1
+                state.group_in_epoch = 0
+    return state
+
+
+def _evaluate(objective: Objective, state: LoopState, run_dir: Path) -> None:
+    metrics = objective.evaluate()
+    entry = {"step": state.step, "epoch": state.epoch, **metrics}
+    state.history.append(entry)
+    value = metrics[objective.metric]
+    if _is_better(value, state.best_metric, objective.higher_is_better):
+        state.best_metric, state.best_step = value, state.step
+        _save_best(objective, run_dir)
+
+
+@contextlib.contextmanager
+def _progress(label: str, total: int, start: int):
+    """A rich progress bar with loss and throughput; yields update(state, logs)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[info]}")]
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task(label, total=total, completed=start, info="")
+
+        def update(state: LoopState, logs: dict[str, float]) -> None:
+            rate = state.samples_seen / state.train_seconds if state.train_seconds else 0.0
+            info = " ".join(f"{k}={v:.4f}" for k, v in logs.items()) + f" {rate:.0f} samples/s"
+            if state.history:
+                last = state.history[-1]
+                info += " | eval " + " ".join(f"{k}={v:.4f}" for k, v in last.items() if k not in ("step", "epoch"))
+            progress.update(task, completed=state.step, info=info)
+
+        yield update

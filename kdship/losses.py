@@ -1,0 +1,152 @@
+"""Distillation losses: pure functions of tensors, in a registry keyed by name (`kdship list losses`).
+
+Each registered loss takes a `LossInputs` (only tensors and a temperature) and returns a scalar. Adding a loss is
+one function and one decorator. `needs` says which model outputs the loss reads, so the distill step asks the
+models for hidden states or attention maps only when some loss uses them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdship.errors import ConfigError
+
+
+@dataclass
+class LossInputs:
+    student_logits: Tensor | None = None
+    teacher_logits: Tensor | None = None
+    labels: Tensor | None = None  # class ids; for MLM, token ids with -100 on unmasked positions
+    attention_mask: Tensor | None = None  # [batch, seq], 1 on real tokens
+    student_hidden: Sequence[Tensor] = ()  # already projected to the teacher's width, paired with teacher_hidden
+    teacher_hidden: Sequence[Tensor] = ()
+    student_attentions: Sequence[Tensor] = ()  # [batch, heads, seq, seq] probabilities, paired
+    teacher_attentions: Sequence[Tensor] = ()
+    temperature: float = 1.0
+
+
+@dataclass(frozen=True)
+class LossDef:
+    name: str
+    fn: Callable[[LossInputs], Tensor]
+    needs: frozenset[str]  # subset of {"logits", "hidden", "attentions", "teacher"}
+    summary: str
+
+
+LOSSES: dict[str, LossDef] = {}
+
+
+def register_loss(name: str, needs: Sequence[str]) -> Callable:
+    def wrap(fn: Callable[[LossInputs], Tensor]) -> Callable[[LossInputs], Tensor]:
+        summary = (fn.__doc__ or "").strip().splitlines()[0]
+        LOSSES[name] = LossDef(name, fn, frozenset(needs), summary)
+        return fn
+
+    return wrap
+
+
+def get_loss(name: str) -> LossDef:
+    if name not in LOSSES:
+        raise ConfigError(f"unknown loss '{name}'; known losses: {', '.join(sorted(LOSSES))}")
+    return LOSSES[name]
+
+
+# ---- pure tensor functions ---------------------------------------------------------------------------------------
+
+
+def soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, mask: Tensor | None = None) -> Tensor:
+    """KL(p_teacher^T || p_student^T) · T², averaged over rows (Hinton et al. 2015, "Distilling the Knowledge in a
+    Neural Network"). The T² keeps gradient size independent of T. `mask` selects rows (e.g. masked MLM positions)."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    per_row = (t.exp() * (t - s)).sum(-1)
+    return _masked_mean(per_row, mask) * temperature**2
+
+
+def hidden_mse(student: Sequence[Tensor], teacher: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
+    """mean over layer pairs of ||h_s W - h_t||² / width on real tokens (TinyBERT, Jiao et al. 2020).
+    Projections W are applied by the caller; this function is pure."""
+    losses = [_masked_mean(((s.float() - t.float()) ** 2).mean(-1), mask) for s, t in zip(student, teacher, strict=True)]
+    return torch.stack(losses).mean()
+
+
+def hidden_cosine(student: Sequence[Tensor], teacher: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
+    """mean over layer pairs of 1 - cos(h_s W, h_t) on real tokens (DistilBERT's cosine embedding loss, Sanh et al. 2019)."""
+    losses = [
+        _masked_mean(1 - F.cosine_similarity(s.float(), t.float(), dim=-1), mask)
+        for s, t in zip(student, teacher, strict=True)
+    ]
+    return torch.stack(losses).mean()
+
+
+def attention_kl(student: Sequence[Tensor], teacher: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
+    """mean over layer pairs of KL(A_t || A_s) per query row on real tokens (MiniLM, Wang et al. 2020).
+    When head counts differ, both sides are averaged over heads first."""
+    losses = []
+    for s, t in zip(student, teacher, strict=True):
+        if s.shape[1] != t.shape[1]:
+            s, t = s.mean(1, keepdim=True), t.mean(1, keepdim=True)
+        s_log = torch.log(s.float().clamp_min(1e-12))
+        t_f = t.float()
+        per_row = (t_f * (torch.log(t_f.clamp_min(1e-12)) - s_log)).sum(-1).mean(1)  # [batch, seq]
+        losses.append(_masked_mean(per_row, mask))
+    return torch.stack(losses).mean()
+
+
+def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+# ---- registered losses -------------------------------------------------------------------------------------------
+
+
+@register_loss("kd", needs=["logits", "teacher"])
+def kd(x: LossInputs) -> Tensor:
+    """Soft-label KL with temperature, ·T² (Hinton et al. 2015); for MLM only on masked positions."""
+    mask = None if x.labels is None or x.student_logits.dim() == 2 else x.labels.ne(-100)
+    return soft_kl(x.student_logits, x.teacher_logits, x.temperature, mask)
+
+
+@register_loss("ce", needs=["logits"])
+def ce(x: LossInputs) -> Tensor:
+    """Hard-label cross-entropy against the data's labels (for MLM: the masked tokens)."""
+    return F.cross_entropy(x.student_logits.float().flatten(0, -2), x.labels.flatten(), ignore_index=-100)
+
+
+@register_loss("hidden_mse", needs=["hidden", "teacher"])
+def hidden_mse_loss(x: LossInputs) -> Tensor:
+    """Hidden-state MSE through learned projections, on the layer map (TinyBERT)."""
+    return hidden_mse(x.student_hidden, x.teacher_hidden, x.attention_mask)
+
+
+@register_loss("hidden_cos", needs=["hidden", "teacher"])
+def hidden_cos_loss(x: LossInputs) -> Tensor:
+    """Hidden-state cosine distance through learned projections, on the layer map (DistilBERT)."""
+    return hidden_cosine(x.student_hidden, x.teacher_hidden, x.attention_mask)
+
+
+@register_loss("attention_kl", needs=["attentions", "teacher"])
+def attention_kl_loss(x: LossInputs) -> Tensor:
+    """KL between teacher and student attention distributions, on the layer map (MiniLM)."""
+    return attention_kl(x.student_attentions, x.teacher_attentions, x.attention_mask)
+
+
+@dataclass
+class WeightedLoss:
+    """A registry loss with its weight, optionally moving linearly from `weight` to `weight_end` over the run."""
+
+    loss: LossDef
+    weight: float
+    weight_end: float | None = None
+
+    def weight_at(self, progress: float) -> float:
+        if self.weight_end is None:
+            return self.weight
+        return self.weight + (self.weight_end - self.weight) * min(max(progress, 0.0), 1.0)

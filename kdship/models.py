@@ -1,0 +1,176 @@
+"""Load teachers and students: local dirs, hub ids, or shape specs; init students from teacher layers; projections."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from kdship.errors import ModelError
+
+# Shape-spec keys -> config attributes (transformers' attribute_map covers families with other names, e.g. DistilBERT).
+SPEC_KEYS = {"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
+             "ffn": "intermediate_size", "vocab": "vocab_size", "max_len": "max_position_embeddings"}
+FFN_ALIASES = ("intermediate_size", "hidden_dim", "ffn_dim")
+LAYER_KEY = re.compile(r"\.layer\.(\d+)\.")  # encoder.layer.N. (BERT, RoBERTa, ELECTRA) / transformer.layer.N. (DistilBERT)
+# What a student made from a spec takes from its teacher unless the spec says otherwise.
+INHERITED = ("vocab_size", "max_position_embeddings", "type_vocab_size", "pad_token_id", "layer_norm_eps")
+
+
+def is_shape_spec(source: str) -> bool:
+    return bool(re.fullmatch(r"[a-z][a-z0-9_-]*:[a-z_]+=\w+(,[a-z_]+=\w+)*", source.strip()))
+
+
+def parse_shape_spec(spec: str) -> tuple[str, dict[str, int]]:
+    """'bert:layers=4,hidden=312,heads=12,ffn=1200' -> ('bert', {'num_hidden_layers': 4, ...})."""
+    family, _, body = spec.strip().partition(":")
+    params: dict[str, int] = {}
+    for item in body.split(","):
+        key, _, value = item.partition("=")
+        if key not in SPEC_KEYS:
+            raise ModelError(f"shape spec {spec!r}: unknown key {key!r}; valid keys: {', '.join(SPEC_KEYS)}")
+        if not value.isdigit() or int(value) < 1:
+            raise ModelError(f"shape spec {spec!r}: {key} must be a positive integer, got {value!r}")
+        params[SPEC_KEYS[key]] = int(value)
+    return family, params
+
+
+def config_from_spec(spec: str, base: Any = None) -> Any:
+    """A transformers config of the spec's family; unspecified sizes come from `base` (the teacher) when given."""
+    from transformers import AutoConfig
+
+    family, params = parse_shape_spec(spec)
+    try:
+        config = AutoConfig.for_model(family)
+    except ValueError:
+        raise ModelError(f"shape spec {spec!r}: unknown model type {family!r}; use a transformers model type "
+                         "such as bert, roberta, distilbert, electra") from None
+    if base is not None:
+        for name in INHERITED + ("hidden_size", "num_attention_heads"):
+            if hasattr(base, name) and name not in params:
+                setattr(config, name, getattr(base, name))
+        if "intermediate_size" not in params and "hidden_size" not in params:
+            _set_ffn(config, _get_ffn(base))
+    for name, value in params.items():
+        _set_ffn(config, value) if name == "intermediate_size" else setattr(config, name, value)
+    if "hidden_size" in params and "intermediate_size" not in params:
+        _set_ffn(config, 4 * params["hidden_size"])
+    if config.hidden_size % config.num_attention_heads:
+        raise ModelError(f"shape spec {spec!r}: hidden {config.hidden_size} is not divisible by heads "
+                         f"{config.num_attention_heads}; pick heads that divide hidden")
+    return config
+
+
+def _get_ffn(config: Any) -> int | None:
+    return next((getattr(config, a) for a in FFN_ALIASES if hasattr(config, a)), None)
+
+
+def _set_ffn(config: Any, value: int | None) -> None:
+    name = next((a for a in FFN_ALIASES if hasattr(config, a)), "intermediate_size")
+    if value is not None:
+        setattr(config, name, value)
+
+
+def _check_exists(source: str, role: str) -> None:
+    looks_local = source.startswith((".", "/", "~")) or Path(source).exists() or source.count("/") > 1
+    if looks_local and not Path(source).expanduser().is_dir():
+        raise ModelError(f"{role} {source} not found; give a save_pretrained folder, a hub id, or a shape spec")
+
+
+def load_config(source: str, role: str) -> Any:
+    from transformers import AutoConfig
+
+    _check_exists(source, role)
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise ModelError(f"{role} {source!r} could not be loaded ({first}); give a save_pretrained folder "
+                         "with config.json, or a reachable hub id") from None
+
+
+def load_tokenizer(source: str, role: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{role} {source!r} has no usable tokenizer ({first}); save the tokenizer with the model "
+                         "or pass --tokenizer") from None
+
+
+def is_classifier(config: Any) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+
+
+def is_mlm(config: Any) -> bool:
+    return any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in (config.architectures or []))
+
+
+def label_names_of(config: Any) -> list[str] | None:
+    """The classifier's label names, or None for a model without a trained classification head."""
+    if not is_classifier(config):
+        return None
+    return [str(config.id2label[i]) for i in range(config.num_labels)]
+
+
+def build_model(objective: str, source: str | None = None, config: Any = None, label_names: list[str] | None = None,
+                attn_eager: bool = False) -> Any:
+    """A classifier (objective 'classify') or masked-LM from a folder/hub id (`source`) or a fresh `config`."""
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if objective == "classify" else AutoModelForMaskedLM
+    kwargs: dict[str, Any] = {"attn_implementation": "eager"} if attn_eager else {}
+    if label_names is not None:
+        kwargs |= {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+                   "label2id": {n: i for i, n in enumerate(label_names)}}
+    try:
+        if source is None:
+            for key, value in kwargs.items():
+                setattr(config, "_attn_implementation" if key == "attn_implementation" else key, value)
+            return auto.from_config(config)
+        return auto.from_pretrained(source, **kwargs)
+    except ValueError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ModelError(f"{source or config.model_type}: cannot build a {objective} model ({first}); "
+                         "use an encoder family such as bert, roberta, distilbert") from None
+
+
+def uniform_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
+    """Teacher hidden-state index for each student hidden state (index 0 = embeddings): every k-th layer."""
+    if student_layers > teacher_layers:
+        raise ModelError(f"student has {student_layers} layers, teacher {teacher_layers}; give layer_map explicitly")
+    return [0] + [round((i + 1) * teacher_layers / student_layers) for i in range(student_layers)]
+
+
+def init_from_teacher(student: Any, teacher: Any, layer_map: list[int]) -> int:
+    """Copy embeddings and teacher layer layer_map[i+1]-1 into student layer i (DistilBERT-style), plus every other
+    tensor of equal shape (pooler, heads). Returns the number of tensors copied."""
+    teacher_state = teacher.state_dict()
+    copied = 0
+    new_state = {}
+    for key, value in student.state_dict().items():
+        source_key = LAYER_KEY.sub(lambda m: f".layer.{layer_map[int(m.group(1)) + 1] - 1}.", key)
+        src = teacher_state.get(source_key)
+        if src is not None and src.shape == value.shape:
+            new_state[key] = src.clone()
+            copied += 1
+    student.load_state_dict(new_state, strict=False)
+    return copied
+
+
+def check_vocab_compatible(student_config: Any, tokenizer: Any, student_source: str) -> None:
+    """The student reads the teacher's token ids, so its embedding table must cover the teacher's vocabulary."""
+    if student_config.vocab_size < len(tokenizer):
+        raise ModelError(
+            f"student {student_source} has a vocabulary of {student_config.vocab_size} tokens but the teacher's "
+            f"tokenizer has {len(tokenizer)}; use a student with the teacher's tokenizer (or a shape spec, which "
+            "inherits it)")
+
+
+def check_tokenizers_match(teacher_tok: Any, student_tok: Any, student_source: str) -> None:
+    if teacher_tok.get_vocab() != student_tok.get_vocab():
+        raise ModelError(
+            f"student {student_source} uses a different tokenizer than the teacher (vocabularies differ); "
+            "distillation needs a shared vocabulary: use a student built for the teacher's tokenizer")

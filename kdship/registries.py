@@ -1,0 +1,30 @@
+"""`kdship list WHAT`: every registry keyed by name, in one table."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from kdship.errors import ConfigError
+
+
+def _losses() -> dict[str, str]:
+    from kdship.losses import LOSSES
+
+    return {name: f"{d.summary} [needs: {', '.join(sorted(d.needs))}]" for name, d in sorted(LOSSES.items())}
+
+
+REGISTRIES: dict[str, Callable[[], dict[str, str]]] = {"losses": _losses}
+
+
+def list_components(what: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if what not in REGISTRIES:
+        raise ConfigError(f"nothing called {what!r} to list; choose one of: {', '.join(REGISTRIES)}")
+    table = Table(title=f"kdship {what}")
+    table.add_column("name", style="bold")
+    table.add_column("what it is")
+    for name, summary in REGISTRIES[what]().items():
+        table.add_row(name, summary)
+    Console().print(table)

@@ -1,0 +1,62 @@
+"""A small, generated, compositional sentiment language: the built-in task of `kdship quickstart` and the tests.
+
+It is synthetic (documented as such): sentences are built from a grammar and labelled by a rule, so a model must
+learn composition, not keywords alone:
+- a clause is "the NOUN VERB [INTENSIFIER] [NEGATION] ADJECTIVE"; the adjective's polarity, flipped by a negation
+  ("not", "never", "hardly"), is the clause's polarity;
+- "X but Y" / "X yet Y" / "although X , Y" take Y's polarity (the contrast decides); "X and Y" joins agreeing clauses;
+- optional openers ("honestly ,", "in the end ,") carry no signal.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from kdship.artifacts import atomic_write_text
+
+POSITIVE = ["good", "great", "brilliant", "charming", "clever", "moving", "delightful", "superb", "fresh", "gripping"]
+NEGATIVE = ["bad", "dull", "awful", "boring", "clumsy", "tedious", "bland", "weak", "messy", "forgettable"]
+NOUNS = ["movie", "plot", "acting", "script", "soundtrack", "ending", "cast", "dialogue", "pacing", "story",
+         "camera work", "director"]
+VERBS = ["was", "is", "felt", "seemed", "looked", "sounded"]
+INTENSIFIERS = ["really", "quite", "very", "rather", "truly", "so"]
+NEGATIONS = ["not", "never", "hardly"]
+OPENERS = ["honestly ,", "in the end ,", "to be fair ,", "overall ,", "frankly ,"]
+LABELS = ["negative", "positive"]
+
+
+def _clause(rng: random.Random, polarity: int) -> str:
+    negated = rng.random() < 0.4
+    adjective = rng.choice(POSITIVE if polarity != negated else NEGATIVE)
+    words = ["the", rng.choice(NOUNS), rng.choice(VERBS)]
+    if rng.random() < 0.4:
+        words.append(rng.choice(INTENSIFIERS))
+    if negated:
+        words.append(rng.choice(NEGATIONS))
+    return " ".join(words + [adjective])
+
+
+def sentence(rng: random.Random) -> tuple[str, int]:
+    """One labelled sentence (label 1 = positive)."""
+    label = rng.randint(0, 1)
+    form = rng.random()
+    if form < 0.35:
+        text = _clause(rng, label)
+    elif form < 0.65:
+        text = f"{_clause(rng, 1 - label)} {rng.choice(['but', 'yet'])} {_clause(rng, label)}"
+    elif form < 0.8:
+        text = f"although {_clause(rng, 1 - label)} , {_clause(rng, label)}"
+    else:
+        text = f"{_clause(rng, label)} and {_clause(rng, label)}"
+    if rng.random() < 0.3:
+        text = f"{rng.choice(OPENERS)} {text}"
+    return text, label
+
+
+def write_split(path: Path, n: int, seed: int) -> Path:
+    """A GLUE-style TSV (`sentence<TAB>label`, label names negative/positive)."""
+    rng = random.Random(seed)
+    rows = ["sentence\tlabel"] + [f"{t}\t{LABELS[y]}" for t, y in (sentence(rng) for _ in range(n))]
+    atomic_write_text(path, "\n".join(rows) + "\n")
+    return path

@@ -1,0 +1,161 @@
+"""`kdship train`: fine-tune or masked-LM-pretrain one model. Also the pieces every training run shares:
+preparing data, building the objective's evaluation, and writing the finished output folder."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from kdship.artifacts import staged_dir, write_record
+from kdship.config import RunConfig, TrainConfig, to_record
+from kdship.data import Encoded, TextTable, encode_labels, label_names_from_data, load_table, tokenize
+from kdship.errors import ConfigError, ModelError
+from kdship.evaluate import classification_metrics, mlm_loss, predict_logits
+from kdship.loop import BEST, LoopState, Objective, autocast_for, fit, pick_device, prepare_run_dir, seed_everything
+from kdship.models import build_model, config_from_spec, label_names_of, load_config, load_tokenizer
+from kdship.tokenizer import train_wordpiece
+
+
+@dataclass
+class RunData:
+    train: Encoded
+    eval: Encoded | None
+    train_table: TextTable
+    eval_table: TextTable | None
+    label_names: list[str] | None
+
+
+def load_run_data(cfg: RunConfig, tokenizer: Any, label_names: list[str] | None) -> RunData:
+    """Train (and eval) examples tokenized with `tokenizer`; labels checked against the model's label names."""
+    if not cfg.data.train:
+        raise ConfigError("no training data; pass --data FILE (or data.train in the recipe)")
+    labelled = cfg.objective == "classify"
+    label_col = cfg.data.label_column if labelled else None
+    train_table = load_table(cfg.data.train, cfg.data.text_columns, label_col, cfg.data.max_train_samples)
+    eval_table = (load_table(cfg.data.eval, cfg.data.text_columns, label_col, cfg.data.max_eval_samples)
+                  if cfg.data.eval else None)
+    if labelled:
+        data_names = label_names_from_data(train_table.raw_labels)
+        if label_names is not None and len(data_names) > len(label_names):
+            raise ModelError(f"the model has {len(label_names)} labels but {train_table.source} has "
+                             f"{len(data_names)}; use a model trained on the same labels")
+        label_names = label_names or data_names
+    encode = lambda t: tokenize(tokenizer, t, cfg.data.max_length,  # noqa: E731
+                                encode_labels(t.raw_labels, label_names, t.source) if labelled else None)
+    return RunData(encode(train_table), encode(eval_table) if eval_table else None, train_table, eval_table,
+                   label_names if labelled else None)
+
+
+def mlm_collator_for(cfg: RunConfig, tokenizer: Any) -> Any:
+    if cfg.objective != "mlm":
+        return None
+    from transformers import DataCollatorForLanguageModeling
+
+    if tokenizer.mask_token is None:
+        raise ModelError("the tokenizer has no [MASK] token, so it cannot do masked-LM; use --objective classify")
+    return DataCollatorForLanguageModeling(tokenizer, mlm_probability=cfg.mlm_probability, seed=0)
+
+
+def model_evaluator(cfg: RunConfig, model: nn.Module, tokenizer: Any, data: RunData, device: torch.device,
+                    autocast: Any, mlm_collator: Any) -> tuple[Callable[[], dict[str, float]], str, bool]:
+    """(evaluate, metric name, higher is better) for the run's objective; evaluate() returns {} without eval data."""
+    if data.eval is None:
+        return dict, "", True
+    if cfg.objective == "mlm":
+        return (lambda: {"mlm_loss": mlm_loss(model, tokenizer, data.eval, cfg.eval_batch_size, device,
+                                              mlm_collator)}), "mlm_loss", False
+    labels = torch.tensor(data.eval.labels)
+
+    def accuracy() -> dict[str, float]:
+        logits = predict_logits(model, tokenizer, data.eval, cfg.eval_batch_size, device, autocast)
+        return {"accuracy": classification_metrics(logits, labels, data.label_names)["accuracy"]}
+
+    return accuracy, "accuracy", True
+
+
+def finish_run(output: Path, run_dir: Path, state: LoopState, model: nn.Module, tokenizer: Any,
+               record: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    """Write the output folder atomically: best weights (or last, without eval data), tokenizer, kdship.json."""
+    best = run_dir / BEST
+    metrics = next((h for h in state.history if h["step"] == state.best_step), {})
+    with staged_dir(output, overwrite=overwrite) as tmp:
+        if best.exists():
+            shutil.copytree(best, tmp, dirs_exist_ok=True)
+        else:
+            model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        record = {**record, "metrics": metrics, "history": state.history,
+                  "training": {"steps": state.step, "best_step": state.best_step, "samples_seen": state.samples_seen,
+                               "train_seconds": round(state.train_seconds, 3),
+                               "samples_per_second": round(state.samples_seen / max(state.train_seconds, 1e-9), 2)}}
+        write_record(tmp, record)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return {"output": str(output), **record}
+
+
+def data_record(data: RunData) -> dict[str, Any]:
+    tables = {"train": data.train_table, "eval": data.eval_table}
+    return {name: {"source": t.source, "fingerprint": t.fingerprint, "n": len(t)} for name, t in tables.items() if t}
+
+
+def _tokenizer_for(cfg: TrainConfig, run_dir: Path) -> Any:
+    saved = run_dir / "tokenizer"
+    if cfg.tokenizer or cfg.model:
+        return load_tokenizer(cfg.tokenizer or cfg.model, "tokenizer" if cfg.tokenizer else "model")
+    if saved.exists():  # a resumed run must keep the tokenizer it started with
+        return load_tokenizer(str(saved), "tokenizer")
+    texts = load_table(cfg.data.train, cfg.data.text_columns, None, cfg.data.max_train_samples).texts
+    tokenizer = train_wordpiece((" ".join(t) for t in texts), cfg.vocab_size)
+    tokenizer.save_pretrained(saved)
+    return tokenizer
+
+
+def _build_train_model(cfg: TrainConfig, tokenizer: Any, data: RunData) -> nn.Module:
+    if cfg.model:
+        return build_model(cfg.objective, source=cfg.model, label_names=data.label_names)
+    config = config_from_spec(cfg.init)
+    if "vocab=" not in cfg.init:
+        config.vocab_size = len(tokenizer)
+    config.pad_token_id = tokenizer.pad_token_id
+    if config.vocab_size < len(tokenizer):
+        raise ModelError(f"--init vocab={config.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens); "
+                         "drop vocab= or raise it")
+    return build_model(cfg.objective, config=config, label_names=data.label_names)
+
+
+def _source_label_names(cfg: TrainConfig) -> list[str] | None:
+    if not cfg.model or cfg.objective != "classify":
+        return None
+    return label_names_of(load_config(cfg.model, "model"))
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    if not cfg.output:
+        raise ConfigError("no output folder; pass --output DIR")
+    output = Path(cfg.output)
+    run_dir = prepare_run_dir(output, cfg)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    autocast = autocast_for(device, cfg.precision)
+    tokenizer = _tokenizer_for(cfg, run_dir)
+    data = load_run_data(cfg, tokenizer, _source_label_names(cfg))
+    model = _build_train_model(cfg, tokenizer, data).to(device)
+    collator = mlm_collator_for(cfg, tokenizer)
+    evaluate, metric, higher = model_evaluator(cfg, model, tokenizer, data, device, autocast, collator)
+
+    def step(batch: dict[str, Any], progress: float) -> tuple[torch.Tensor, dict[str, float]]:
+        with autocast():
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+        return loss, {"loss": loss.item()}
+
+    objective = Objective(step, evaluate, metric, higher, model.save_pretrained)
+    state = fit(cfg, nn.ModuleDict({"model": model}), objective, data.train, tokenizer, run_dir, collator, "train")
+    record = {"command": "train", "config": to_record(cfg), "data": data_record(data), "device": str(device),
+              "model": {"source": cfg.model or cfg.init, "parameters": sum(p.numel() for p in model.parameters())}}
+    return finish_run(output, run_dir, state, model, tokenizer, record, cfg.overwrite)
+
