@@ -13,12 +13,12 @@ from torch import nn
 from kdship.config import DistillConfig, to_record
 from kdship.errors import ConfigError, ModelError
 from kdship.evaluate import predict_logits
-from kdship.loop import Objective, autocast_for, fit, pick_device, prepare_run_dir, seed_everything
+from kdship.loop import Objective, autocast_for, fit, pick_device, run_dir_for_output, seed_everything
 from kdship.losses import LossInputs, WeightedLoss, get_loss
 from kdship.models import (build_model, check_tokenizers_match, check_vocab_compatible, config_from_spec,
                            init_from_teacher, is_mlm, is_shape_spec, label_names_of, load_config, load_tokenizer,
                            uniform_layer_map)
-from kdship.artifacts import read_record
+from kdship.artifacts import read_record, sha256_file
 from kdship.train import data_record, finish_run, load_run_data, mlm_collator_for, model_evaluator
 
 
@@ -65,9 +65,9 @@ def _student(cfg: DistillConfig, teacher: nn.Module, tokenizer: Any, label_names
         student = build_model(cfg.objective, config=config, label_names=label_names, attn_eager=eager)
     else:
         config = load_config(cfg.student, "student")
-        check_vocab_compatible(config, tokenizer, cfg.student)
         if (Path(cfg.student) / "tokenizer_config.json").exists() or (Path(cfg.student) / "tokenizer.json").exists():
             check_tokenizers_match(tokenizer, load_tokenizer(cfg.student, "student"), cfg.student)
+        check_vocab_compatible(config, tokenizer, cfg.student)
         names = label_names_of(config)
         if cfg.objective == "classify" and names is not None and len(names) != len(label_names):
             raise ModelError(f"student {cfg.student} has {len(names)} labels but the teacher has {len(label_names)}; "
@@ -96,6 +96,9 @@ def _projections(pair: Pair, wanted: bool) -> nn.ModuleList:
 def teacher_identity(source: str) -> dict[str, Any]:
     record = read_record(Path(source)) if Path(source).is_dir() else None
     identity: dict[str, Any] = {"source": source}
+    weights = Path(source) / "model.safetensors"
+    if weights.is_file():
+        identity["weights_sha256"] = sha256_file(weights)
     if record:
         identity |= {"command": record.get("command"), "metrics": record.get("metrics"), "data": record.get("data")}
     return identity
@@ -105,8 +108,11 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     if not cfg.output:
         raise ConfigError("no output folder; pass --output DIR")
     tconfig = _teacher_config(cfg)
-    output = Path(cfg.output)
-    run_dir = prepare_run_dir(output, cfg)
+    with run_dir_for_output(Path(cfg.output), cfg) as run_dir:
+        return _distill(cfg, tconfig, Path(cfg.output), run_dir)
+
+
+def _distill(cfg: DistillConfig, tconfig: Any, output: Path, run_dir: Path) -> dict[str, Any]:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     autocast = autocast_for(device, cfg.precision)
@@ -126,7 +132,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     teacher_eval = (predict_logits(teacher, tokenizer, data.eval, cfg.eval_batch_size, device, autocast)
                     if data.eval is not None and cfg.objective == "classify" else None)
 
-    def evaluate() -> dict[str, float]:
+    def evaluate_with_agreement() -> dict[str, float]:
         metrics = evaluate_student()
         if teacher_eval is not None:
             student_eval = predict_logits(student, tokenizer, data.eval, cfg.eval_batch_size, device, autocast)
@@ -156,6 +162,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
             logs[term.loss.name] = value.item()
         return total, logs
 
+    evaluate = evaluate_with_agreement if evaluate_student else None
     objective = Objective(step, evaluate, metric, higher, student.save_pretrained)
     trainable = nn.ModuleDict({"student": student, "projections": projections})
     state = fit(cfg, trainable, objective, data.train, tokenizer, run_dir, collator, "distill")

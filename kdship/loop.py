@@ -71,7 +71,7 @@ class Objective:
     """What the loop optimises and how it judges progress."""
 
     step_fn: Callable[[dict[str, Any], float], tuple[torch.Tensor, dict[str, float]]]  # (batch, progress) -> loss, logs
-    evaluate: Callable[[], dict[str, float]]
+    evaluate: Callable[[], dict[str, float]] | None  # None without eval data: the last weights are kept
     metric: str  # key of evaluate()'s result used to keep the best checkpoint
     higher_is_better: bool
     save_best: Callable[[Path], None]  # writes the model(s) worth keeping into a folder
@@ -141,6 +141,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextlib.contextmanager
+def run_dir_for_output(output: Path, cfg: RunConfig):
+    """Yield the run folder of `output`; if the run fails before its first checkpoint, remove the folder (there is
+    nothing to resume), so a bad input leaves nothing behind."""
+    run_dir = prepare_run_dir(output, cfg)
+    try:
+        yield run_dir
+    except BaseException:
+        if not (run_dir / CHECKPOINT).exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
 def prepare_run_dir(output: Path, cfg: RunConfig) -> Path:
     """Refuse to clobber a finished output or silently restart an interrupted run."""
     run_dir = run_dir_for(output)
@@ -201,7 +214,7 @@ def fit(cfg: RunConfig, trainable: nn.Module, objective: Objective, train: Encod
                 state.group_in_epoch = gi + 1
                 state.train_seconds += time.perf_counter() - started
                 bar(state, logs)
-                if state.step % eval_every == 0 or state.step == total:
+                if objective.evaluate and (state.step % eval_every == 0 or state.step == total):
                     _evaluate(objective, state, run_dir)
                 if state.step % cfg.save_every == 0 and state.step < total:
                     checkpointer.save(trainable, optimizer, scheduler, state)

@@ -37,10 +37,10 @@ def _clause(rng: random.Random, polarity: int) -> str:
     return " ".join(words + [adjective])
 
 
-def sentence(rng: random.Random) -> tuple[str, int]:
-    """One labelled sentence (label 1 = positive)."""
+def sentence(rng: random.Random, compositional: bool = True) -> tuple[str, int]:
+    """One labelled sentence (label 1 = positive); compositional=False gives single clauses only (an easier task)."""
     label = rng.randint(0, 1)
-    form = rng.random()
+    form = rng.random() if compositional else 0.0
     if form < 0.35:
         text = _clause(rng, label)
     elif form < 0.65:
@@ -49,14 +49,15 @@ def sentence(rng: random.Random) -> tuple[str, int]:
         text = f"although {_clause(rng, 1 - label)} , {_clause(rng, label)}"
     else:
         text = f"{_clause(rng, label)} and {_clause(rng, label)}"
-    if rng.random() < 0.3:
+    if compositional and rng.random() < 0.3:
         text = f"{rng.choice(OPENERS)} {text}"
     return text, label
 
 
-def write_split(path: Path, n: int, seed: int) -> Path:
+def write_split(path: Path, n: int, seed: int, compositional: bool = True) -> Path:
     """A GLUE-style TSV (`sentence<TAB>label`, label names negative/positive)."""
     rng = random.Random(seed)
-    rows = ["sentence\tlabel"] + [f"{t}\t{LABELS[y]}" for t, y in (sentence(rng) for _ in range(n))]
+    examples = (sentence(rng, compositional) for _ in range(n))
+    rows = ["sentence\tlabel"] + [f"{t}\t{LABELS[y]}" for t, y in examples]
     atomic_write_text(path, "\n".join(rows) + "\n")
     return path

@@ -16,7 +16,8 @@ from kdship.config import RunConfig, TrainConfig, to_record
 from kdship.data import Encoded, TextTable, encode_labels, label_names_from_data, load_table, tokenize
 from kdship.errors import ConfigError, ModelError
 from kdship.evaluate import classification_metrics, mlm_loss, predict_logits
-from kdship.loop import BEST, LoopState, Objective, autocast_for, fit, pick_device, prepare_run_dir, seed_everything
+from kdship.loop import (BEST, LoopState, Objective, autocast_for, fit, pick_device, run_dir_for_output,
+                         seed_everything)
 from kdship.models import build_model, config_from_spec, label_names_of, load_config, load_tokenizer
 from kdship.tokenizer import train_wordpiece
 
@@ -62,10 +63,10 @@ def mlm_collator_for(cfg: RunConfig, tokenizer: Any) -> Any:
 
 
 def model_evaluator(cfg: RunConfig, model: nn.Module, tokenizer: Any, data: RunData, device: torch.device,
-                    autocast: Any, mlm_collator: Any) -> tuple[Callable[[], dict[str, float]], str, bool]:
-    """(evaluate, metric name, higher is better) for the run's objective; evaluate() returns {} without eval data."""
+                    autocast: Any, mlm_collator: Any) -> tuple[Callable[[], dict[str, float]] | None, str, bool]:
+    """(evaluate, metric name, higher is better) for the run's objective; evaluate is None without eval data."""
     if data.eval is None:
-        return dict, "", True
+        return None, "", True
     if cfg.objective == "mlm":
         return (lambda: {"mlm_loss": mlm_loss(model, tokenizer, data.eval, cfg.eval_batch_size, device,
                                               mlm_collator)}), "mlm_loss", False
@@ -137,8 +138,11 @@ def _source_label_names(cfg: TrainConfig) -> list[str] | None:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     if not cfg.output:
         raise ConfigError("no output folder; pass --output DIR")
-    output = Path(cfg.output)
-    run_dir = prepare_run_dir(output, cfg)
+    with run_dir_for_output(Path(cfg.output), cfg) as run_dir:
+        return _train(cfg, Path(cfg.output), run_dir)
+
+
+def _train(cfg: TrainConfig, output: Path, run_dir: Path) -> dict[str, Any]:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     autocast = autocast_for(device, cfg.precision)

@@ -1,0 +1,54 @@
+"""Tiny real models and data, made in the tests: no hub, no shared files needed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kdship.cli import app
+from kdship.synthetic import write_split
+
+TINY_TEACHER = "bert:layers=2,hidden=32,heads=2,ffn=64,max_len=64"
+
+
+@pytest.fixture(autouse=True)
+def _offline_user_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """All user state in a temp dir, and no network: a test that reaches for the hub fails."""
+    home = tmp_path_factory.getbasetemp() / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+
+
+def kdship(*args: str):
+    """Run the real CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def kdship_ok(*args: str):
+    result = kdship(*args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    write_split(root / "train.tsv", 400, seed=1, compositional=False)  # learnable in a few seconds
+    write_split(root / "dev.tsv", 120, seed=2, compositional=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide BERT classifier trained for a few steps with `kdship train`."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = tmp_path_factory.mktemp("models") / "teacher"
+    kdship_ok("train", "--init", TINY_TEACHER, "--data", data_dir / "train.tsv", "--eval-data", data_dir / "dev.tsv",
+              "--max-steps", 200, "--batch-size", 16, "--lr", "2e-3", "--eval-every", 50, "--max-length", 48, "--vocab-size", 200,
+              "-o", out)
+    return out

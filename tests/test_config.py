@@ -1,0 +1,58 @@
+"""Configs: defaults < recipe < flags, strict keys, readable errors, every shipped recipe valid."""
+
+from pathlib import Path
+
+import pytest
+
+from kdship.config import DistillConfig, EvalConfig, TrainConfig, build_config
+from kdship.errors import ConfigError
+
+PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+
+
+def test_recipe_overrides_defaults_and_flags_override_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: 0.001\nepochs: 2\ndata: {max_length: 64}\n")
+    cfg = build_config(DistillConfig, recipe, epochs=5, data={"train": "x.tsv", "max_length": None})
+    assert (cfg.lr, cfg.epochs, cfg.data.max_length, cfg.data.train) == (0.001, 5, 64, "x.tsv")
+    assert cfg.batch_size == DistillConfig().batch_size
+
+
+def test_unknown_key_is_named_with_the_valid_ones(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: {trian: x.tsv}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'data.trian'; valid keys: train, eval"):
+        build_config(DistillConfig, recipe)
+
+
+def test_out_of_range_values_name_the_field():
+    with pytest.raises(ConfigError, match=r"lr: Input should be greater than 0 \(got -1"):
+        build_config(DistillConfig, lr=-1)
+    with pytest.raises(ConfigError, match=r"losses.0.name: unknown loss 'klx'"):
+        build_config(DistillConfig, losses=[{"name": "klx"}])
+
+
+def test_bad_yaml_and_missing_recipe_are_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        build_config(DistillConfig, bad)
+    with pytest.raises(ConfigError, match="not found"):
+        build_config(DistillConfig, tmp_path / "missing.yaml")
+
+
+def test_train_needs_exactly_one_model_source():
+    with pytest.raises(ConfigError, match="exactly one of model"):
+        build_config(TrainConfig)
+    assert build_config(TrainConfig, init="bert:layers=2").init == "bert:layers=2"
+
+
+@pytest.mark.parametrize("recipe", sorted(PIPELINES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_is_valid(recipe):
+    cfg = build_config(DistillConfig, recipe)
+    assert cfg.losses
+
+
+def test_eval_config_requires_a_student():
+    with pytest.raises(ConfigError, match="student: Field required"):
+        build_config(EvalConfig)
