@@ -180,9 +180,35 @@ def evaluate(
     print_eval(run(cfg))
 
 
+@command
+def export(
+    student: Annotated[str, typer.Argument(help="student folder (kdship train/distill output)")],
+    to: Annotated[Optional[list[str]], typer.Option("--to", help="onnx|ort-opt|fp16|int8|int8-static; repeat or "
+                                                                  "comma-separate")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="artifact folder")] = None,
+    opset: Annotated[Optional[int], typer.Option("--opset")] = None,
+    eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="parity data (default: the student's)")] = None,
+    calib_data: Annotated[Optional[str], typer.Option("--calib-data", help="int8-static calibration data")] = None,
+    max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop")] = None,
+    allow_mismatch: Annotated[Optional[bool], typer.Option("--allow-mismatch", help="write even if parity fails")] = None,
+    text_column: TextColumn = None, label_column: LabelColumn = None, max_length: MaxLength = None,
+    overwrite: Overwrite = None, recipe: Recipe = None,
+) -> None:
+    """Export to ONNX / ONNX Runtime variants, each checked against PyTorch, in one artifact folder."""
+    from kdship.config import ExportConfig, build_config
+    from kdship.export import export as run
+
+    cfg = build_config(ExportConfig, recipe, student=student, to=to, output=output, opset=opset, eval_data=eval_data,
+                       calib_data=calib_data, max_accuracy_drop=max_accuracy_drop, allow_mismatch=allow_mismatch,
+                       text_columns=text_column, label_column=label_column, max_length=max_length,
+                       overwrite=overwrite)
+    result = run(cfg)
+    typer.echo(f"wrote {result['output']} ({', '.join(v['file'] for v in result['variants'].values())})")
+
+
 @command(name="list")
-def list_(what: Annotated[str, typer.Argument(help="losses")] = "losses") -> None:
-    """List registered components (losses)."""
+def list_(what: Annotated[str, typer.Argument(help="losses | exporters")] = "losses") -> None:
+    """List registered components (losses, exporters)."""
     from kdship.registries import list_components
 
     list_components(what)

@@ -211,3 +211,33 @@ class QuickstartConfig(Strict):
     eval_size: int = Field(800, ge=50)
     device: Device = "auto"
     overwrite: bool = False
+
+
+class ExportConfig(Strict):
+    """`kdship export`: validated ONNX and ONNX Runtime variants in one self-describing artifact folder."""
+
+    student: str
+    to: list[str] = Field(default_factory=lambda: ["onnx"], min_length=1)
+    output: str | None = None
+    opset: int = Field(18, ge=7, le=30)
+    eval_data: str | None = Field(None, description="parity/accuracy data; default: the student's eval data")
+    eval_samples: int = Field(512, ge=8, description="eval rows used for agreement and accuracy per variant")
+    calib_data: str | None = Field(None, description="int8-static calibration data; default: the student's train data")
+    calib_samples: int = Field(128, ge=8)
+    text_columns: list[str] | None = None
+    label_column: str = "label"
+    max_length: int | None = Field(None, ge=8, description="default: the student's training max_length")
+    max_accuracy_drop: float = Field(0.02, ge=0, le=1, description="largest accuracy loss a variant may have")
+    allow_mismatch: bool = Field(False, description="write the artifact even if a parity check fails (recorded)")
+    overwrite: bool = False
+
+    @field_validator("to")
+    @classmethod
+    def _known_targets(cls, v: list[str]) -> list[str]:
+        from kdship.exporters import load_all
+
+        names = [t.strip() for item in v for t in item.split(",") if t.strip()]
+        unknown = [t for t in names if t not in load_all()]
+        if unknown:
+            raise ValueError(f"unknown export target {unknown[0]!r}; valid targets: {', '.join(load_all())}")
+        return names

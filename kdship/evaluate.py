@@ -128,7 +128,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
 def print_eval(result: dict[str, Any]) -> None:
     """A rich table: one column per model, then the per-class table of the student."""
-    from rich.console import Console
+    from kdship.ui import console
     from rich.table import Table
 
     roles = [r for r in ("teacher", "student") if r in result]
@@ -146,7 +146,7 @@ def print_eval(result: dict[str, Any]) -> None:
     for name, row in result["student"]["per_class"].items():
         per_class.add_row(name, f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}",
                           str(row["support"]))
-    console = Console()
-    console.print(table)
-    console.print(per_class)
-    console.print(f"wrote {result['output']}")
+    out = console()
+    out.print(table)
+    out.print(per_class)
+    out.print(f"wrote {result['output']}")

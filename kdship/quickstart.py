@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from kdship.ui import console
 
 from kdship.config import DistillConfig, EvalConfig, QuickstartConfig, TrainConfig
 from kdship.errors import ConfigError
@@ -42,17 +42,17 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         if not cfg.overwrite:
             raise ConfigError(f"{root} already exists; pass --overwrite to run the quickstart again, or -o elsewhere")
         shutil.rmtree(root)
-    console = Console()
-    console.rule("kdship quickstart: synthetic compositional sentiment task (offline)")
+    out = console()
+    out.rule("kdship quickstart: synthetic compositional sentiment task (offline)")
     train_file = write_split(root / "data" / "train.tsv", cfg.train_size, seed=cfg.seed)
     eval_file = write_split(root / "data" / "dev.tsv", cfg.eval_size, seed=cfg.seed + 1)
     configs = quickstart_configs(cfg, root, train_file, eval_file)
-    console.print(f"1/3 training the teacher ({TEACHER_SHAPE})")
+    out.print(f"1/3 training the teacher ({TEACHER_SHAPE})")
     teacher = train(configs["teacher"])
-    console.print(f"2/3 distilling the student ({STUDENT_SHAPE}, layers from the teacher)")
+    out.print(f"2/3 distilling the student ({STUDENT_SHAPE}, layers from the teacher)")
     student = distill(configs["student"])
-    console.print("3/3 evaluating teacher and student on the same split")
+    out.print("3/3 evaluating teacher and student on the same split")
     result = evaluate(configs["eval"])
     print_eval(result)
-    console.print(f"teacher: {teacher['output']}\nstudent: {student['output']}\ndata:    {train_file.parent}")
+    out.print(f"teacher: {teacher['output']}\nstudent: {student['output']}\ndata:    {train_file.parent}")
     return result

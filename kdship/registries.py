@@ -13,11 +13,17 @@ def _losses() -> dict[str, str]:
     return {name: f"{d.summary} [needs: {', '.join(sorted(d.needs))}]" for name, d in sorted(LOSSES.items())}
 
 
-REGISTRIES: dict[str, Callable[[], dict[str, str]]] = {"losses": _losses}
+def _exporters() -> dict[str, str]:
+    from kdship.exporters import load_all
+
+    return {name: f"{e.summary} -> {e.filename}" for name, e in load_all().items()}
+
+
+REGISTRIES: dict[str, Callable[[], dict[str, str]]] = {"losses": _losses, "exporters": _exporters}
 
 
 def list_components(what: str) -> None:
-    from rich.console import Console
+    from kdship.ui import console
     from rich.table import Table
 
     if what not in REGISTRIES:
@@ -27,4 +33,4 @@ def list_components(what: str) -> None:
     table.add_column("what it is")
     for name, summary in REGISTRIES[what]().items():
         table.add_row(name, summary)
-    Console().print(table)
+    console().print(table)

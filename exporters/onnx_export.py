@@ -1,0 +1,76 @@
+"""ONNX through torch.onnx's dynamo exporter, with batch and sequence axes that really are dynamic.
+
+Why torch.onnx and not Optimum: Optimum's exporter (optimum-onnx) requires transformers<4.58 and kdship runs on
+transformers 5. The dynamo exporter is PyTorch's supported path; parity is checked on every export anyway."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kdship.errors import CheckFailed, ConfigError
+from kdship.exporters import ExportContext, Tolerance, register_exporter
+
+MIN_OPSET = 18  # the dynamo exporter's oldest supported opset
+
+
+class LogitsOnly(torch.nn.Module):
+    """The classifier with named tensor inputs and one output, `logits`."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+
+
+def input_names_for(tokenizer, model) -> list[str]:
+    names = ["input_ids", "attention_mask"]
+    if "token_type_ids" in tokenizer.model_input_names and getattr(model.config, "type_vocab_size", 0) > 0:
+        names.append("token_type_ids")
+    return names
+
+
+def _example(ctx: ExportContext, names: list[str]) -> tuple[torch.Tensor, ...]:
+    # Padding in the example matters: a mask of all ones can be specialised away while tracing.
+    enc = ctx.tokenizer(["a short one", "an example that is a little longer than the first"], padding=True,
+                        return_tensors="pt")
+    return tuple(enc[n] for n in names)
+
+
+def check_dynamic_axes(path: Path) -> dict[str, list[str | int]]:
+    """Every input must keep symbolic batch and sequence dims: a fixed dim is an export bug, not a warning."""
+    import onnx
+
+    shapes = {}
+    for value in onnx.load(str(path), load_external_data=False).graph.input:
+        dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        if any(isinstance(d, int) for d in dims):
+            raise CheckFailed(f"{path.name}: input {value.name} has fixed dims {dims}; the export lost its dynamic "
+                              "axes (report this with the model type)")
+        shapes[value.name] = dims
+    return shapes
+
+
+@register_exporter("onnx", "model.onnx", "fp32", Tolerance(max_abs=1e-4, min_agreement=1.0))
+def export_onnx(ctx: ExportContext) -> Path:
+    """ONNX (fp32) via torch.onnx dynamo export, dynamic batch and sequence axes."""
+    if ctx.config.opset < MIN_OPSET:
+        raise ConfigError(f"opset {ctx.config.opset} is too old; use --opset {MIN_OPSET} or newer")
+    names = input_names_for(ctx.tokenizer, ctx.model)
+    wrapper = LogitsOnly(ctx.model).eval()
+    max_len = int(getattr(ctx.model.config, "max_position_embeddings", 512))
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    sequence = torch.export.Dim("sequence", min=1, max=max_len)
+    path = ctx.out_dir / "model.onnx"
+    with torch.no_grad():
+        program = torch.onnx.export(wrapper, _example(ctx, names), dynamo=True, opset_version=ctx.config.opset,
+                                    input_names=names, output_names=["logits"], verbose=False,
+                                    dynamic_shapes={n: {0: batch, 1: sequence} for n in names})
+    program.save(str(path))
+    ctx.details["onnx"] = {"inputs": check_dynamic_axes(path), "opset": ctx.config.opset}
+    return path

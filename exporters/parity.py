@@ -1,0 +1,106 @@
+"""Every exported variant is run against the PyTorch model on real inputs at several shapes, and re-measured on
+the eval split. A miss fails the export unless the user explicitly allows it (recorded in the manifest)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdship.exporters import Exporter
+
+
+def _feeds(tokenizer: Any, texts: list[tuple[str, ...]], names: list[str], max_length: int,
+           pad_to_max: bool = False) -> dict[str, np.ndarray]:
+    columns = list(zip(*texts))
+    enc = tokenizer(*columns, truncation=True, max_length=max_length, return_tensors="np",
+                    padding="max_length" if pad_to_max else True)
+    return {n: enc[n].astype(np.int64) for n in names}
+
+
+def parity_cases(tokenizer: Any, texts: list[tuple[str, ...]], names: list[str], max_length: int,
+                 vocab_size: int) -> dict[str, dict[str, np.ndarray]]:
+    """Real texts at batch 1 (shortest), batch 1 at the longest sequence, a padded batch of 8; and random ids."""
+    by_length = sorted(texts, key=lambda t: sum(len(s) for s in t))
+    long_text = " ".join([" ".join(by_length[-1])] * max_length)  # repeated until truncation: the longest sequence
+    longest = tuple(long_text for _ in texts[0])
+    rng = np.random.default_rng(0)
+    random_ids = rng.integers(5, vocab_size, size=(4, 33), dtype=np.int64)
+    random_case = {"input_ids": random_ids, "attention_mask": np.ones_like(random_ids)}
+    if "token_type_ids" in names:
+        random_case["token_type_ids"] = np.zeros_like(random_ids)
+    return {
+        "real b1 shortest": _feeds(tokenizer, by_length[:1], names, max_length),
+        f"real b1 seq{max_length}": _feeds(tokenizer, [longest], names, max_length, pad_to_max=True),
+        "real b8 padded": _feeds(tokenizer, by_length[:: max(1, len(by_length) // 8)][:8], names, max_length),
+        "random b4 seq33": random_case,
+    }
+
+
+@torch.no_grad()
+def torch_logits(model: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    return model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.float().numpy()
+
+
+def session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def batched(tokenizer: Any, texts: list[tuple[str, ...]], names: list[str], max_length: int,
+            size: int = 64) -> list[dict[str, np.ndarray]]:
+    return [_feeds(tokenizer, texts[i:i + size], names, max_length) for i in range(0, len(texts), size)]
+
+
+def check_variant(exporter: Exporter, path: Path, cases: dict[str, dict[str, np.ndarray]],
+                  reference: dict[str, np.ndarray], eval_batches: list[dict[str, np.ndarray]],
+                  reference_eval: np.ndarray, labels: np.ndarray | None, max_accuracy_drop: float) -> dict[str, Any]:
+    """Differences per shape, label agreement and accuracy on the eval split, and whether each meets its bound."""
+    sess = session(path)
+    shapes = {}
+    for name, feeds in cases.items():
+        diff = np.abs(sess.run(["logits"], feeds)[0] - reference[name])
+        shapes[name] = {"shape": list(feeds["input_ids"].shape), "max_abs": float(diff.max()),
+                        "mean_abs": float(diff.mean())}
+    logits = np.concatenate([sess.run(["logits"], feeds)[0] for feeds in eval_batches])
+    predicted, expected = logits.argmax(-1), reference_eval.argmax(-1)
+    result: dict[str, Any] = {"shapes": shapes, "max_abs": max(s["max_abs"] for s in shapes.values()),
+                              "tolerance": {"max_abs": exporter.tolerance.max_abs,
+                                            "min_agreement": exporter.tolerance.min_agreement},
+                              "agreement": float((predicted == expected).mean()), "eval_n": len(predicted)}
+    checks = {"max_abs": result["max_abs"] <= exporter.tolerance.max_abs,
+              "agreement": result["agreement"] >= exporter.tolerance.min_agreement}
+    if labels is not None:
+        result["accuracy"] = float((predicted == labels).mean())
+        result["pytorch_accuracy"] = float((expected == labels).mean())
+        result["accuracy_drop"] = result["pytorch_accuracy"] - result["accuracy"]
+        checks["accuracy_drop"] = result["accuracy_drop"] <= max_accuracy_drop
+    result["checks"] = checks
+    result["passed"] = all(checks.values())
+    return result
+
+
+def print_parity(results: dict[str, dict[str, Any]]) -> None:
+    from kdship.ui import console
+    from rich.table import Table
+
+    table = Table(title="export parity vs PyTorch")
+    for col in ("variant", "case", "shape", "max abs", "mean abs", "agreement", "accuracy (drop)", ""):
+        table.add_column(col)
+    for variant, r in results.items():
+        mark = "[green]✓[/green]" if r["passed"] else "[red]✗[/red]"
+        accuracy = f"{r['accuracy']:.4f} ({r['accuracy_drop']:+.4f})" if "accuracy" in r else ""
+        for i, (case, s) in enumerate(r["shapes"].items()):
+            first = i == 0
+            table.add_row(variant if first else "", case, "x".join(map(str, s["shape"])), f"{s['max_abs']:.2e}",
+                          f"{s['mean_abs']:.2e}", f"{r['agreement']:.4f}" if first else "", accuracy if first else "",
+                          mark if first else "")
+        failed = [k for k, ok in r["checks"].items() if not ok]
+        if failed:
+            table.add_row("", f"[red]failed: {', '.join(failed)}[/red]", "", "", "", "", "", "")
+    console().print(table)

@@ -1,0 +1,117 @@
+"""`kdship export`: the student as ONNX (+ optimised / fp16 / int8 variants), each checked against PyTorch, in one
+self-describing artifact folder: model files, config.json, tokenizer, kdship.json, manifest.json (hashes, I/O,
+parity, accuracy per variant, versions). A failed check leaves no artifact unless --allow-mismatch."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdship.artifacts import RECORD_NAME, atomic_write_json, library_versions, read_record, sha256_file, staged_dir
+from kdship.config import ExportConfig, to_record
+from kdship.data import encode_labels, load_table
+from kdship.errors import CheckFailed, ConfigError, DataError, ModelError
+
+MANIFEST = "manifest.json"
+
+
+def _student(cfg: ExportConfig) -> tuple[Any, Any, dict[str, Any]]:
+    from kdship.models import build_model, label_names_of, load_config, load_tokenizer
+
+    config = load_config(cfg.student, "student")
+    if label_names_of(config) is None:
+        raise ModelError(f"{cfg.student} is not a classifier (no trained classification head); export a model "
+                         "made by `kdship train` or `kdship distill`")
+    record = read_record(Path(cfg.student)) or {}
+    return build_model("classify", cfg.student).eval(), load_tokenizer(cfg.student, "student"), record
+
+
+def _data_source(explicit: str | None, record: dict[str, Any], *keys: str) -> str:
+    for key in keys:
+        source = record.get("data", {}).get(key, {}).get("source")
+        if explicit or source:
+            return explicit or source
+    raise ConfigError("export checks every variant on real inputs but the student's kdship.json names no data; "
+                      "pass --eval-data FILE")
+
+
+def _eval_set(cfg: ExportConfig, record: dict[str, Any], model: Any) -> tuple[list, np.ndarray | None]:
+    """Real texts for parity, with labels when the data has them (then accuracy per variant is measured too)."""
+    from kdship.models import label_names_of
+
+    source = _data_source(cfg.eval_data, record, "eval", "train")
+    try:
+        table = load_table(source, cfg.text_columns, cfg.label_column, cfg.eval_samples)
+    except DataError:  # unlabeled text: parity and agreement only; a missing file raises again just below
+        return load_table(source, cfg.text_columns, None, cfg.eval_samples).texts, None
+    return table.texts, np.array(encode_labels(table.raw_labels, label_names_of(model.config), table.source))
+
+
+def _manifest(cfg: ExportConfig, out: Path, order: list, ctx: Any, parity: dict[str, Any],
+              record: dict[str, Any]) -> dict[str, Any]:
+    import onnx
+
+    variants = {}
+    for exporter in order:
+        path = ctx.files[exporter.name]
+        graph = onnx.load(str(path), load_external_data=False).graph
+        io = {kind: {v.name: {"dtype": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type).lower(),
+                              "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]}
+                     for v in values} for kind, values in (("inputs", graph.input), ("outputs", graph.output))}
+        variants[exporter.name] = {"file": path.name, "precision": exporter.precision, **io,
+                                   "details": ctx.details.get(exporter.name, {}), "parity": parity[exporter.name]}
+    files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != MANIFEST}
+    return {"format": "kdship-artifact/1", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": {"student": str(Path(cfg.student).resolve()), "record": RECORD_NAME if record else None,
+                       "metrics": record.get("metrics")},
+            "config": to_record(cfg), "opset": cfg.opset, "variants": variants, "files": files,
+            "passed": all(p["passed"] for p in parity.values()), "allow_mismatch": cfg.allow_mismatch,
+            "versions": library_versions()}
+
+
+def export(cfg: ExportConfig) -> dict[str, Any]:
+    import torch
+
+    from kdship.exporters import ExportContext, build_order
+    from kdship.exporters.onnx_export import input_names_for
+    from kdship.exporters.parity import batched, check_variant, parity_cases, print_parity, torch_logits
+
+    if not cfg.output:
+        raise ConfigError("no output folder; pass -o DIR")
+    order = build_order(cfg.to)
+    model, tokenizer, record = _student(cfg)
+    max_length = cfg.max_length or record.get("config", {}).get("data", {}).get("max_length", 128)
+    names = input_names_for(tokenizer, model)
+    texts, labels = _eval_set(cfg, record, model)
+    cases = parity_cases(tokenizer, texts, names, max_length, model.config.vocab_size)
+    eval_batches = batched(tokenizer, texts, names, max_length)
+    with torch.no_grad():
+        reference = {name: torch_logits(model, feeds) for name, feeds in cases.items()}
+        reference_eval = np.concatenate([torch_logits(model, feeds) for feeds in eval_batches])
+    parity: dict[str, Any] = {}
+    with staged_dir(Path(cfg.output), cfg.overwrite) as out:
+        ctx = ExportContext(model, tokenizer, Path(cfg.student), out, cfg)
+        if any(e.name == "int8-static" for e in order):
+            calib = load_table(_data_source(cfg.calib_data, record, "train", "eval"), cfg.text_columns, None,
+                               cfg.calib_samples).texts
+            ctx.calibration = batched(tokenizer, calib, names, max_length, size=16)
+        for exporter in order:
+            ctx.files[exporter.name] = exporter.build(ctx)
+            parity[exporter.name] = check_variant(exporter, ctx.files[exporter.name], cases, reference,
+                                                  eval_batches, reference_eval, labels, cfg.max_accuracy_drop)
+        print_parity(parity)
+        failed = [name for name, p in parity.items() if not p["passed"]]
+        if failed and not cfg.allow_mismatch:
+            raise CheckFailed(f"parity failed for {', '.join(failed)} (see the table); no artifact written. Fix the "
+                              "model or pass --allow-mismatch to write it anyway (recorded in the manifest)")
+        model.config.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        if (Path(cfg.student) / RECORD_NAME).exists():
+            shutil.copy2(Path(cfg.student) / RECORD_NAME, out / RECORD_NAME)
+        manifest = _manifest(cfg, out, order, ctx, parity, record)
+        atomic_write_json(out / MANIFEST, manifest)
+    return {"output": cfg.output, **manifest}
