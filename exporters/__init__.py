@@ -35,6 +35,19 @@ class ExportContext:
     details: dict[str, dict[str, Any]] = field(default_factory=dict)  # exporter name -> facts for the manifest
 
 
+Runner = Callable[[dict[str, Any]], Any]  # numpy feeds by input name -> logits (numpy)
+
+
+def onnxruntime_runner(path: Path) -> Runner:
+    """Run an ONNX file with ONNX Runtime on the CPU (the default way a variant is checked)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda feeds: session.run(["logits"], feeds)[0]
+
+
 @dataclass(frozen=True)
 class Exporter:
     name: str
@@ -44,16 +57,23 @@ class Exporter:
     needs: str | None
     summary: str
     build: Callable[[ExportContext], Path]
+    load: Callable[[Path], Runner]  # how parity runs the file
+    available: Callable[[], str | None]  # None when usable here, else why not and how to fix it
+
+
+def _always() -> str | None:
+    return None
 
 
 EXPORTERS: dict[str, Exporter] = {}
 
 
-def register_exporter(name: str, filename: str, precision: str, tolerance: Tolerance,
-                      needs: str | None = None) -> Callable:
+def register_exporter(name: str, filename: str, precision: str, tolerance: Tolerance, needs: str | None = None,
+                      load: Callable[[Path], Runner] = onnxruntime_runner,
+                      available: Callable[[], str | None] = _always) -> Callable:
     def wrap(fn: Callable[[ExportContext], Path]) -> Callable[[ExportContext], Path]:
         summary = (fn.__doc__ or "").strip().splitlines()[0]
-        EXPORTERS[name] = Exporter(name, filename, precision, tolerance, needs, summary, fn)
+        EXPORTERS[name] = Exporter(name, filename, precision, tolerance, needs, summary, fn, load, available)
         return fn
 
     return wrap
@@ -61,7 +81,7 @@ def register_exporter(name: str, filename: str, precision: str, tolerance: Toler
 
 def load_all() -> dict[str, Exporter]:
     """Import every backend module so its decorator runs."""
-    from kdship.exporters import onnx_export, ort_variants  # noqa: F401
+    from kdship.exporters import aoti, onnx_export, ort_variants, tensorrt  # noqa: F401
 
     return EXPORTERS
 
@@ -74,11 +94,14 @@ def get_exporter(name: str) -> Exporter:
 
 
 def build_order(targets: list[str]) -> list[Exporter]:
-    """The requested exporters with their prerequisites first, each once."""
+    """The requested exporters with their prerequisites first, each once; one unusable here is a clear error."""
     order: list[Exporter] = []
 
     def add(name: str) -> None:
         exporter = get_exporter(name)
+        missing = exporter.available()
+        if missing:
+            raise ConfigError(f"export target {name!r} is not available here: {missing}")
         if exporter.needs:
             add(exporter.needs)
         if exporter not in order:

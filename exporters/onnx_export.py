@@ -56,21 +56,28 @@ def check_dynamic_axes(path: Path) -> dict[str, list[str | int]]:
     return shapes
 
 
+def exported_program(ctx: ExportContext, device: str = "cpu") -> tuple[torch.export.ExportedProgram, list[str]]:
+    """torch.export of the classifier with symbolic batch and sequence dims (shared by ONNX and AOTInductor)."""
+    names = input_names_for(ctx.tokenizer, ctx.model)
+    wrapper = LogitsOnly(ctx.model).to(device).eval()
+    max_len = int(getattr(ctx.model.config, "max_position_embeddings", 512))
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    sequence = torch.export.Dim("sequence", min=1, max=max_len)
+    example = tuple(t.to(device) for t in _example(ctx, names))
+    with torch.no_grad():
+        program = torch.export.export(wrapper, example, dynamic_shapes={n: {0: batch, 1: sequence} for n in names})
+    return program, names
+
+
 @register_exporter("onnx", "model.onnx", "fp32", Tolerance(max_abs=1e-4, min_agreement=1.0))
 def export_onnx(ctx: ExportContext) -> Path:
     """ONNX (fp32) via torch.onnx dynamo export, dynamic batch and sequence axes."""
     if ctx.config.opset < MIN_OPSET:
         raise ConfigError(f"opset {ctx.config.opset} is too old; use --opset {MIN_OPSET} or newer")
-    names = input_names_for(ctx.tokenizer, ctx.model)
-    wrapper = LogitsOnly(ctx.model).eval()
-    max_len = int(getattr(ctx.model.config, "max_position_embeddings", 512))
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    sequence = torch.export.Dim("sequence", min=1, max=max_len)
+    program, names = exported_program(ctx)
     path = ctx.out_dir / "model.onnx"
-    with torch.no_grad():
-        program = torch.onnx.export(wrapper, _example(ctx, names), dynamo=True, opset_version=ctx.config.opset,
-                                    input_names=names, output_names=["logits"], verbose=False,
-                                    dynamic_shapes={n: {0: batch, 1: sequence} for n in names})
-    program.save(str(path))
+    onnx_program = torch.onnx.export(program, dynamo=True, opset_version=ctx.config.opset, input_names=names,
+                                     output_names=["logits"], verbose=False)
+    onnx_program.save(str(path))
     ctx.details["onnx"] = {"inputs": check_dynamic_axes(path), "opset": ctx.config.opset}
     return path

@@ -44,14 +44,6 @@ def torch_logits(model: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.float().numpy()
 
 
-def session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def batched(tokenizer: Any, texts: list[tuple[str, ...]], names: list[str], max_length: int,
             size: int = 64) -> list[dict[str, np.ndarray]]:
     return [_feeds(tokenizer, texts[i:i + size], names, max_length) for i in range(0, len(texts), size)]
@@ -61,13 +53,13 @@ def check_variant(exporter: Exporter, path: Path, cases: dict[str, dict[str, np.
                   reference: dict[str, np.ndarray], eval_batches: list[dict[str, np.ndarray]],
                   reference_eval: np.ndarray, labels: np.ndarray | None, max_accuracy_drop: float) -> dict[str, Any]:
     """Differences per shape, label agreement and accuracy on the eval split, and whether each meets its bound."""
-    sess = session(path)
+    run = exporter.load(path)
     shapes = {}
     for name, feeds in cases.items():
-        diff = np.abs(sess.run(["logits"], feeds)[0] - reference[name])
+        diff = np.abs(run(feeds) - reference[name])
         shapes[name] = {"shape": list(feeds["input_ids"].shape), "max_abs": float(diff.max()),
                         "mean_abs": float(diff.mean())}
-    logits = np.concatenate([sess.run(["logits"], feeds)[0] for feeds in eval_batches])
+    logits = np.concatenate([run(feeds) for feeds in eval_batches])
     predicted, expected = logits.argmax(-1), reference_eval.argmax(-1)
     result: dict[str, Any] = {"shapes": shapes, "max_abs": max(s["max_abs"] for s in shapes.values()),
                               "tolerance": {"max_abs": exporter.tolerance.max_abs,

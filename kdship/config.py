@@ -229,6 +229,10 @@ class ExportConfig(Strict):
     max_length: int | None = Field(None, ge=8, description="default: the student's training max_length")
     max_accuracy_drop: float = Field(0.02, ge=0, le=1, description="largest accuracy loss a variant may have")
     allow_mismatch: bool = Field(False, description="write the artifact even if a parity check fails (recorded)")
+    trt_opt_batch: int = Field(8, ge=1, description="TensorRT profile: the batch size to optimise for")
+    trt_max_batch: int = Field(256, ge=1)
+    trt_opt_seq: int = Field(128, ge=1)
+    trt_max_seq: int = Field(512, ge=1)
     overwrite: bool = False
 
     @field_validator("to")

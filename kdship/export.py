@@ -51,17 +51,21 @@ def _eval_set(cfg: ExportConfig, record: dict[str, Any], model: Any) -> tuple[li
     return table.texts, np.array(encode_labels(table.raw_labels, label_names_of(model.config), table.source))
 
 
-def _manifest(cfg: ExportConfig, out: Path, order: list, ctx: Any, parity: dict[str, Any],
-              record: dict[str, Any]) -> dict[str, Any]:
+def _onnx_io(path: Path) -> dict[str, Any]:
     import onnx
 
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {kind: {v.name: {"dtype": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type).lower(),
+                            "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]}
+                   for v in values} for kind, values in (("inputs", graph.input), ("outputs", graph.output))}
+
+
+def _manifest(cfg: ExportConfig, out: Path, order: list, ctx: Any, parity: dict[str, Any],
+              record: dict[str, Any]) -> dict[str, Any]:
     variants = {}
     for exporter in order:
         path = ctx.files[exporter.name]
-        graph = onnx.load(str(path), load_external_data=False).graph
-        io = {kind: {v.name: {"dtype": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type).lower(),
-                              "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]}
-                     for v in values} for kind, values in (("inputs", graph.input), ("outputs", graph.output))}
+        io = _onnx_io(path) if path.suffix == ".onnx" else ctx.details[exporter.name].pop("io", {})
         variants[exporter.name] = {"file": path.name, "precision": exporter.precision, **io,
                                    "details": ctx.details.get(exporter.name, {}), "parity": parity[exporter.name]}
     files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file() and p.name != MANIFEST}

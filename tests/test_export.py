@@ -129,3 +129,36 @@ def test_export_bad_inputs(teacher_dir, artifact, tmp_path):
     _user_error(kdship("export", teacher_dir, "--to", "int8-static", "--calib-data", tmp_path / "missing.tsv",
                        "-o", tmp_path / "a"), "not found")
     assert not (tmp_path / "a").exists()
+
+
+def test_aoti_package_matches_pytorch_at_several_shapes(teacher_dir, tmp_path):
+    out = tmp_path / "aoti"
+    kdship_ok("export", teacher_dir, "--to", "aoti", "-o", out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    variant = manifest["variants"]["aoti"]
+    assert variant["file"] == "model.pt2" and variant["parity"]["passed"]
+    assert variant["inputs"]["input_ids"]["shape"] == ["batch", "sequence"]
+    assert variant["details"]["device"] in ("cpu", "cuda")
+    assert variant["parity"]["max_abs"] < 1e-4
+
+
+def _tensorrt_missing() -> str | None:
+    from kdship.exporters.tensorrt import _unavailable
+
+    return _unavailable()
+
+
+@pytest.mark.skipif(_tensorrt_missing() is not None, reason=f"TensorRT engine build: {_tensorrt_missing()}")
+def test_tensorrt_engine_builds_keeps_dynamic_shapes_and_records_the_gpu(teacher_dir, tmp_path):
+    out = tmp_path / "trt"
+    kdship_ok("export", teacher_dir, "--to", "tensorrt", "-o", out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    details = manifest["variants"]["tensorrt"]["details"]
+    assert {"gpu", "compute_capability", "tensorrt_version"} <= set(details)
+    assert manifest["variants"]["tensorrt"]["parity"]["passed"]
+
+
+def test_tensorrt_absent_or_gpu_less_is_a_one_line_error(teacher_dir, tmp_path):
+    if _tensorrt_missing() is None:
+        pytest.skip("TensorRT and a GPU are present here; the engine test above covers this machine")
+    _user_error(kdship("export", teacher_dir, "--to", "tensorrt", "-o", tmp_path / "t"), "not available here")
