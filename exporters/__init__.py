@@ -15,9 +15,10 @@ from kdship.errors import ConfigError
 
 @dataclass(frozen=True)
 class Tolerance:
-    """What a variant must meet against the PyTorch model: logits max-abs error, and label agreement."""
+    """What a variant must meet against the PyTorch model: logits max-abs error (None: not bounded, as for int8,
+    whose logits move while its labels must not), and label agreement."""
 
-    max_abs: float
+    max_abs: float | None
     min_agreement: float
 
 
@@ -38,13 +39,16 @@ class ExportContext:
 Runner = Callable[[dict[str, Any]], Any]  # numpy feeds by input name -> logits (numpy)
 
 
-def onnxruntime_runner(path: Path) -> Runner:
-    """Run an ONNX file with ONNX Runtime on the CPU (the default way a variant is checked)."""
+def onnxruntime_runner(path: Path, providers: tuple[str, ...] = ("CPUExecutionProvider",),
+                       threads: int | None = None) -> Runner:
+    """Run an ONNX file with ONNX Runtime (on the CPU by default: the way a variant is checked)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=list(providers))
     return lambda feeds: session.run(["logits"], feeds)[0]
 
 

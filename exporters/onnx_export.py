@@ -28,9 +28,10 @@ class LogitsOnly(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
 
 
-def input_names_for(tokenizer, model) -> list[str]:
+def input_names_for(tokenizer, config) -> list[str]:
+    """The model's tensor inputs: ids and mask, plus segment ids when the model and tokenizer both use them."""
     names = ["input_ids", "attention_mask"]
-    if "token_type_ids" in tokenizer.model_input_names and getattr(model.config, "type_vocab_size", 0) > 0:
+    if "token_type_ids" in tokenizer.model_input_names and getattr(config, "type_vocab_size", 0) > 0:
         names.append("token_type_ids")
     return names
 
@@ -58,7 +59,7 @@ def check_dynamic_axes(path: Path) -> dict[str, list[str | int]]:
 
 def exported_program(ctx: ExportContext, device: str = "cpu") -> tuple[torch.export.ExportedProgram, list[str]]:
     """torch.export of the classifier with symbolic batch and sequence dims (shared by ONNX and AOTInductor)."""
-    names = input_names_for(ctx.tokenizer, ctx.model)
+    names = input_names_for(ctx.tokenizer, ctx.model.config)
     wrapper = LogitsOnly(ctx.model).to(device).eval()
     max_len = int(getattr(ctx.model.config, "max_position_embeddings", 512))
     batch = torch.export.Dim("batch", min=1, max=65536)

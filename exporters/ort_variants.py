@@ -46,7 +46,7 @@ def export_fp16(ctx: ExportContext) -> Path:
     return path
 
 
-@register_exporter("int8", "model_int8.onnx", "int8", Tolerance(max_abs=float("inf"), min_agreement=0.95),
+@register_exporter("int8", "model_int8.onnx", "int8", Tolerance(max_abs=None, min_agreement=0.95),
                    needs="ort-opt")
 def export_int8_dynamic(ctx: ExportContext) -> Path:
     """INT8 dynamic quantisation of MatMul weights (activations quantised at run time; CPU)."""
@@ -69,7 +69,7 @@ class _Calibration:
 
 
 @register_exporter("int8-static", "model_int8_static.onnx", "int8",
-                   Tolerance(max_abs=float("inf"), min_agreement=0.95), needs="onnx")
+                   Tolerance(max_abs=None, min_agreement=0.95), needs="onnx")
 def export_int8_static(ctx: ExportContext) -> Path:
     """INT8 static quantisation (QDQ) with activation ranges calibrated on real samples."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static

@@ -42,7 +42,8 @@ def _umask() -> int:
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    # allow_nan=False: Infinity/NaN are not JSON, and other tools would fail to read the file
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")
 
 
 def read_json(path: Path) -> Any:

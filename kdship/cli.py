@@ -15,10 +15,10 @@ app = typer.Typer(help="Distill a large transformer into a small, fast, deployab
                   pretty_exceptions_enable=False, add_completion=False)
 
 
-def command(fn: Callable | None = None, *, name: str | None = None) -> Callable:
-    """Register a command whose KdshipErrors become one line on stderr and the error's exit code."""
+def command(fn: Callable | None = None, *, name: str | None = None, on: typer.Typer = app) -> Callable:
+    """Register a command (on `app` or a sub-app) whose KdshipErrors become one line on stderr and an exit code."""
     if fn is None:
-        return functools.partial(command, name=name)
+        return functools.partial(command, name=name, on=on)
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -34,7 +34,7 @@ def command(fn: Callable | None = None, *, name: str | None = None) -> Callable:
             typer.echo("interrupted; rerun with --resume to continue from the last checkpoint", err=True)
             raise typer.Exit(130) from None
 
-    return app.command(name=name)(run)
+    return on.command(name=name)(run)
 
 
 def _quiet_libraries() -> None:
@@ -204,6 +204,57 @@ def export(
                        overwrite=overwrite)
     result = run(cfg)
     typer.echo(f"wrote {result['output']} ({', '.join(v['file'] for v in result['variants'].values())})")
+
+
+@command
+def serve(
+    artifact: Annotated[str, typer.Argument(help="artifact folder from kdship export")],
+    host: Annotated[Optional[str], typer.Option("--host")] = None,
+    port: Annotated[Optional[int], typer.Option("--port")] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="ort-cpu | ort-cuda | tensorrt | aoti | "
+                                                                       "torch")] = None,
+    variant: Annotated[Optional[str], typer.Option("--variant", help="exported variant, e.g. int8")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads")] = None,
+    batching: Annotated[Optional[bool], typer.Option("--batching/--no-batching")] = None,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", help="most texts per model call")] = None,
+    max_wait_ms: Annotated[Optional[float], typer.Option("--max-wait-ms")] = None,
+    max_texts: Annotated[Optional[int], typer.Option("--max-texts", help="most texts per request")] = None,
+    max_text_chars: Annotated[Optional[int], typer.Option("--max-text-chars")] = None,
+    recipe: Recipe = None,
+) -> None:
+    """Serve an artifact over HTTP: /v1/classify, /health, /metrics, /v1/model."""
+    from kdship.config import ServeConfig, build_config
+    from kdship.serve.app import serve as run
+
+    run(build_config(ServeConfig, recipe, artifact=artifact, host=host, port=port, backend=backend, variant=variant,
+                     threads=threads, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                     max_texts=max_texts, max_text_chars=max_text_chars))
+
+
+deploy_app = typer.Typer(help="Write inference-server deployments.", no_args_is_help=True)
+app.add_typer(deploy_app, name="deploy")
+
+
+@command(name="triton", on=deploy_app)
+def deploy_triton(
+    artifact: Annotated[str, typer.Argument(help="artifact folder from kdship export")],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="model repository folder")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="ensemble name clients call")] = None,
+    variant: Annotated[Optional[str], typer.Option("--variant")] = None,
+    kind: Annotated[Optional[str], typer.Option("--kind", help="gpu | cpu")] = None,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch")] = None,
+    instances: Annotated[Optional[int], typer.Option("--instances")] = None,
+    max_length: MaxLength = None, overwrite: Overwrite = None, recipe: Recipe = None,
+) -> None:
+    """A Triton model repository: classifier + Python tokenizer + ensemble (raw text in, logits out)."""
+    from kdship.config import TritonConfig, build_config
+    from kdship.serve.triton import deploy_triton as run
+
+    result = run(build_config(TritonConfig, recipe, artifact=artifact, output=output, name=name, variant=variant,
+                              kind=kind, max_batch=max_batch, instances=instances, max_length=max_length,
+                              overwrite=overwrite))
+    typer.echo(f"wrote {result['output']}: {', '.join(result['models'].values())} ({result['variant']} variant, "
+               f"texts padded to {result['max_length']} tokens)")
 
 
 @command(name="list")

@@ -245,3 +245,35 @@ class ExportConfig(Strict):
         if unknown:
             raise ValueError(f"unknown export target {unknown[0]!r}; valid targets: {', '.join(load_all())}")
         return names
+
+
+class ServeConfig(Strict):
+    """`kdship serve`: an HTTP server for an exported classifier."""
+
+    artifact: str
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535, description="0 picks a free port")
+    backend: str = "ort-cpu"
+    variant: str | None = Field(None, description="exported variant to serve (default: the backend's preferred)")
+    threads: int | None = Field(None, ge=1)
+    batching: bool = Field(True, description="server-side dynamic batching")
+    max_batch: int = Field(32, ge=1, description="most texts in one model call")
+    max_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long a request may wait for others to join")
+    max_texts: int = Field(64, ge=1, description="most texts in one request")
+    max_text_chars: int = Field(10_000, ge=1)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+
+
+class TritonConfig(Strict):
+    """`kdship deploy triton`: a Triton Inference Server model repository for an artifact."""
+
+    artifact: str
+    output: str | None = None
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="default: the artifact folder's name")
+    variant: str | None = Field(None, description="default: tensorrt/fp16/ort-opt/onnx on gpu, ort-opt/onnx on cpu")
+    kind: Literal["gpu", "cpu"] = "gpu"
+    max_batch: int = Field(64, ge=1)
+    instances: int = Field(1, ge=1)
+    queue_delay_us: int = Field(100, ge=0)
+    max_length: int | None = Field(None, ge=8, description="tokenizer pads to this; default: the artifact's")
+    overwrite: bool = False

@@ -61,7 +61,7 @@ def _onnx_io(path: Path) -> dict[str, Any]:
 
 
 def _manifest(cfg: ExportConfig, out: Path, order: list, ctx: Any, parity: dict[str, Any],
-              record: dict[str, Any]) -> dict[str, Any]:
+              record: dict[str, Any], max_length: int) -> dict[str, Any]:
     variants = {}
     for exporter in order:
         path = ctx.files[exporter.name]
@@ -72,7 +72,7 @@ def _manifest(cfg: ExportConfig, out: Path, order: list, ctx: Any, parity: dict[
     return {"format": "kdship-artifact/1", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source": {"student": str(Path(cfg.student).resolve()), "record": RECORD_NAME if record else None,
                        "metrics": record.get("metrics")},
-            "config": to_record(cfg), "opset": cfg.opset, "variants": variants, "files": files,
+            "config": to_record(cfg), "opset": cfg.opset, "max_length": max_length, "variants": variants, "files": files,
             "passed": all(p["passed"] for p in parity.values()), "allow_mismatch": cfg.allow_mismatch,
             "versions": library_versions()}
 
@@ -89,7 +89,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     order = build_order(cfg.to)
     model, tokenizer, record = _student(cfg)
     max_length = cfg.max_length or record.get("config", {}).get("data", {}).get("max_length", 128)
-    names = input_names_for(tokenizer, model)
+    names = input_names_for(tokenizer, model.config)
     texts, labels = _eval_set(cfg, record, model)
     cases = parity_cases(tokenizer, texts, names, max_length, model.config.vocab_size)
     eval_batches = batched(tokenizer, texts, names, max_length)
@@ -116,6 +116,6 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         tokenizer.save_pretrained(out)
         if (Path(cfg.student) / RECORD_NAME).exists():
             shutil.copy2(Path(cfg.student) / RECORD_NAME, out / RECORD_NAME)
-        manifest = _manifest(cfg, out, order, ctx, parity, record)
+        manifest = _manifest(cfg, out, order, ctx, parity, record, max_length)
         atomic_write_json(out / MANIFEST, manifest)
     return {"output": cfg.output, **manifest}

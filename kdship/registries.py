@@ -19,11 +19,20 @@ def _exporters() -> dict[str, str]:
     return {name: f"{e.summary} -> {e.filename}" for name, e in load_all().items()}
 
 
-REGISTRIES: dict[str, Callable[[], dict[str, str]]] = {"losses": _losses, "exporters": _exporters}
+def _backends() -> dict[str, str]:
+    from kdship.backends import load_all
+
+    return {name: b.summary + (f" [not here: {b.available()}]" if b.available() else "")
+            for name, b in load_all().items()}
+
+
+REGISTRIES: dict[str, Callable[[], dict[str, str]]] = {"losses": _losses, "exporters": _exporters,
+                                                       "backends": _backends}
 
 
 def list_components(what: str) -> None:
     from kdship.ui import console
+    from rich.markup import escape
     from rich.table import Table
 
     if what not in REGISTRIES:
@@ -32,5 +41,5 @@ def list_components(what: str) -> None:
     table.add_column("name", style="bold")
     table.add_column("what it is")
     for name, summary in REGISTRIES[what]().items():
-        table.add_row(name, summary)
+        table.add_row(name, escape(summary))
     console().print(table)

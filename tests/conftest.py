@@ -52,3 +52,11 @@ def teacher_dir(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
               "--max-steps", 200, "--batch-size", 16, "--lr", "2e-3", "--eval-every", 50, "--max-length", 48, "--vocab-size", 200,
               "-o", out)
     return out
+
+
+@pytest.fixture(scope="session")
+def artifact(teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every CPU ONNX variant of the tiny teacher, made with `kdship export`."""
+    out = tmp_path_factory.mktemp("export") / "artifact"
+    kdship_ok("export", teacher_dir, "--to", "onnx,ort-opt,fp16", "--to", "int8", "--to", "int8-static", "-o", out)
+    return out

@@ -20,13 +20,6 @@ CPU_VARIANTS = {"onnx": "model.onnx", "ort-opt": "model_optimized.onnx", "fp16":
                 "int8": "model_int8.onnx", "int8-static": "model_int8_static.onnx"}
 
 
-@pytest.fixture(scope="session")
-def artifact(teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("export") / "artifact"
-    kdship_ok("export", teacher_dir, "--to", "onnx,ort-opt,fp16", "--to", "int8", "--to", "int8-static", "-o", out)
-    return out
-
-
 def test_artifact_holds_every_variant_config_tokenizer_record_and_manifest(artifact):
     expected = set(CPU_VARIANTS.values()) | {"config.json", "tokenizer.json", "tokenizer_config.json", "kdship.json",
                                              "manifest.json"}

@@ -1,0 +1,1 @@
+"""Serving: a built-in HTTP server (`kdship serve`) and Triton model repositories (`kdship deploy triton`)."""

@@ -1,0 +1,166 @@
+"""The HTTP API: POST /v1/classify, GET /health, GET /metrics (Prometheus), GET /v1/model.
+
+Bad requests get a 4xx JSON error naming the problem ({"error": {"code", "message"}}), never a 500 and never a
+dead server."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kdship.config import ServeConfig
+from kdship.serve.batcher import DynamicBatcher
+from kdship.serve.model import ServedModel
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str] = Field(min_length=1)
+
+
+class HttpError(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _metrics():
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    registry = CollectorRegistry()
+    return registry, {
+        "requests": Counter("kdship_requests", "HTTP requests", ["endpoint", "status"], registry=registry),
+        "latency": Histogram("kdship_request_latency_seconds", "Request latency", ["endpoint"], registry=registry,
+                             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)),
+        "batch": Histogram("kdship_batch_size", "Texts per model call", registry=registry,
+                           buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512)),
+        "texts": Counter("kdship_texts", "Texts classified", registry=registry),
+    }
+
+
+async def _read_bounded(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise HttpError(413, f"request body is {declared} bytes; the limit is {limit}")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HttpError(413, f"request body exceeds {limit} bytes")
+    return body
+
+
+def parse_classify(body: bytes, content_type: str, cfg: ServeConfig) -> list[str]:
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise HttpError(415, f"content type must be application/json, got {content_type or 'none'!r}")
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HttpError(400, f"malformed JSON: {e}") from None
+    try:
+        texts = ClassifyRequest.model_validate(payload).texts
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise HttpError(422, f"{where}: {first['msg']}; send {{\"texts\": [\"...\"]}}") from None
+    if len(texts) > cfg.max_texts:
+        raise HttpError(413, f"{len(texts)} texts in one request; the limit is {cfg.max_texts}")
+    too_long = next((i for i, t in enumerate(texts) if len(t) > cfg.max_text_chars), None)
+    if too_long is not None:
+        raise HttpError(413, f"texts.{too_long} has {len(texts[too_long])} characters; the limit is "
+                             f"{cfg.max_text_chars}")
+    return texts
+
+
+def create_app(model: ServedModel, cfg: ServeConfig) -> FastAPI:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    registry, metrics = _metrics()
+    batcher = DynamicBatcher(model.predict, cfg.max_batch, cfg.max_wait_ms / 1000,
+                             on_batch=metrics["batch"].observe)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if cfg.batching:
+            batcher.start()
+        yield
+        if cfg.batching:
+            await batcher.stop()
+
+    app = FastAPI(title=f"kdship: {model.name}", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        endpoint = request.url.path if request.url.path in KNOWN_PATHS else "other"
+        metrics["requests"].labels(endpoint, str(response.status_code)).inc()
+        metrics["latency"].labels(endpoint).observe(time.perf_counter() - started)
+        return response
+
+    @app.post("/v1/classify")
+    async def classify(request: Request):
+        try:
+            texts = parse_classify(await _read_bounded(request, cfg.max_body_bytes),
+                                   request.headers.get("content-type", ""), cfg)
+        except HttpError as e:
+            return JSONResponse({"error": {"code": e.code, "message": str(e)}}, status_code=e.code)
+        if cfg.batching:
+            predictions = await batcher.submit(texts)
+        else:
+            predictions = model.predict(texts)
+            metrics["batch"].observe(len(texts))
+        metrics["texts"].inc(len(texts))
+        return {"model": model.name, "predictions": predictions}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model.name}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/model")
+    async def describe():
+        return {"name": model.name, "file": model.file.name, "backend": cfg.backend, "labels": model.label_names,
+                "max_length": model.max_length, "batching": {"enabled": cfg.batching, "max_batch": cfg.max_batch,
+                                                             "max_wait_ms": cfg.max_wait_ms},
+                "limits": {"max_texts": cfg.max_texts, "max_text_chars": cfg.max_text_chars,
+                           "max_body_bytes": cfg.max_body_bytes},
+                "manifest": model.manifest}
+
+    return app
+
+
+KNOWN_PATHS = {"/v1/classify", "/health", "/metrics", "/v1/model"}
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    from kdship.errors import KdshipError
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise KdshipError(f"cannot listen on {host}:{port} ({e.strerror}); pass another --port") from None
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Load the artifact and serve it until SIGINT/SIGTERM (in-flight requests are finished first)."""
+    import uvicorn
+
+    from kdship.serve.model import load_served_model
+
+    model = load_served_model(cfg.artifact, cfg.backend, cfg.variant, cfg.threads)
+    if cfg.port:
+        _check_port_free(cfg.host, cfg.port)
+    app = create_app(model, cfg)
+    print(f"serving {model.name} ({model.file.name}, {cfg.backend}) on http://{cfg.host}:{cfg.port}", flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=10)
