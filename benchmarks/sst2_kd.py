@@ -83,8 +83,9 @@ def paper_pair(args: argparse.Namespace) -> dict:
 
 
 def print_table(results: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from kdship.ui import console
 
     table = Table(title=f"SST-2 dev accuracy ({device_name()})")
     for col in ("pair", "model", "KD acc", "hard-only acc", "KD gain", "retention", "agreement", "train samples/s"):
@@ -97,7 +98,7 @@ def print_table(results: dict) -> None:
             table.add_row("", label, f"{kd['accuracy']:.4f}", f"{hard['accuracy']:.4f}",
                           f"{kd['accuracy'] - hard['accuracy']:+.4f}", f"{kd['retention']:.2%}",
                           f"{kd['agreement']:.2%}", f"{kd['train_samples_per_s']:.0f}")
-    Console().print(table)
+    console().print(table)
 
 
 def main() -> None:
