@@ -83,11 +83,15 @@ def register_exporter(name: str, filename: str, precision: str, tolerance: Toler
     return wrap
 
 
+LISTING_ORDER = ("onnx", "ort-opt", "fp16", "int8", "int8-static", "aoti", "tensorrt")
+
+
 def load_all() -> dict[str, Exporter]:
-    """Import every backend module so its decorator runs."""
+    """Import every backend module so its decorator runs; listed in pipeline order, whatever the import order."""
     from kdship.exporters import aoti, onnx_export, ort_variants, tensorrt  # noqa: F401
 
-    return EXPORTERS
+    rank = {name: i for i, name in enumerate(LISTING_ORDER)}
+    return {name: EXPORTERS[name] for name in sorted(EXPORTERS, key=lambda n: (rank.get(n, len(rank)), n))}
 
 
 def get_exporter(name: str) -> Exporter:

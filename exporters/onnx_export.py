@@ -43,6 +43,20 @@ def _example(ctx: ExportContext, names: list[str]) -> tuple[torch.Tensor, ...]:
     return tuple(enc[n] for n in names)
 
 
+def _name_dynamic_axes(path: Path) -> None:
+    """torch.export names symbolic dims s0, s1, ...: call them batch and sequence, as users and servers expect."""
+    import onnx
+
+    model = onnx.load(str(path))
+    first = next(v for v in model.graph.input if v.name == "input_ids").type.tensor_type.shape.dim
+    names = {first[0].dim_param: "batch", first[1].dim_param: "sequence"}
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in names:
+                dim.dim_param = names[dim.dim_param]
+    onnx.save(model, str(path))
+
+
 def check_dynamic_axes(path: Path) -> dict[str, list[str | int]]:
     """Every input must keep symbolic batch and sequence dims: a fixed dim is an export bug, not a warning."""
     import onnx
@@ -80,5 +94,6 @@ def export_onnx(ctx: ExportContext) -> Path:
     onnx_program = torch.onnx.export(program, dynamo=True, opset_version=ctx.config.opset, input_names=names,
                                      output_names=["logits"], verbose=False)
     onnx_program.save(str(path))
+    _name_dynamic_axes(path)
     ctx.details["onnx"] = {"inputs": check_dynamic_axes(path), "opset": ctx.config.opset}
     return path

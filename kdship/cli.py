@@ -231,6 +231,70 @@ def serve(
                      max_texts=max_texts, max_text_chars=max_text_chars))
 
 
+def _ints(value: str | None) -> list[int] | None:
+    return [int(v) for v in value.split(",") if v.strip()] if value else None
+
+
+@command
+def bench(
+    models: Annotated[list[str], typer.Argument(help="artifact or model folders; the first is the baseline")],
+    backend: Annotated[Optional[list[str]], typer.Option("--backend", help="torch | torch-compile | ort-cpu | "
+                                                          "ort-cuda | tensorrt | aoti (repeat or comma-separate)")] = None,
+    batch: Annotated[Optional[str], typer.Option("--batch", help="e.g. 1,8,64,256")] = None,
+    seq: Annotated[Optional[str], typer.Option("--seq", help="e.g. 32,128,512")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads")] = None,
+    warmup_s: Annotated[Optional[float], typer.Option("--warmup-s")] = None,
+    min_runs: Annotated[Optional[int], typer.Option("--min-runs")] = None,
+    max_seconds: Annotated[Optional[float], typer.Option("--max-seconds", help="time bound per point")] = None,
+    inputs: Annotated[Optional[str], typer.Option("--inputs", help="real | random")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="folder for bench.json/csv")] = None,
+    overwrite: Overwrite = None, recipe: Recipe = None,
+) -> None:
+    """Latency and throughput, several models side by side, per backend, batch size and sequence length."""
+    from kdship.bench import bench as run
+    from kdship.bench import print_bench
+    from kdship.config import BenchConfig, build_config
+
+    backends = [b.strip() for item in backend for b in item.split(",") if b.strip()] if backend else None
+    print_bench(run(build_config(BenchConfig, recipe, models=models, backends=backends, batch=_ints(batch),
+                                 seq=_ints(seq), threads=threads, warmup_s=warmup_s, min_runs=min_runs,
+                                 max_seconds=max_seconds, inputs=inputs, output=output, overwrite=overwrite)))
+
+
+@command
+def report(
+    runs: Annotated[list[str], typer.Argument(help="run folders (model, artifact, bench) or a folder of them")],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="HTML path (report.md is written beside)")] = None,
+    title: Annotated[Optional[str], typer.Option("--title")] = None,
+) -> None:
+    """An HTML report (and Markdown) with accuracy, parity, speed plots and recipes, from saved artifacts."""
+    from kdship.config import ReportConfig, build_config
+    from kdship.report import report as run
+
+    result = run(build_config(ReportConfig, runs=runs, output=output, title=title))
+    typer.echo(f"wrote {result['output']} and {result['markdown']} ({len(result['plots'])} plots)")
+
+
+@command
+def gate(
+    runs: Annotated[list[str], typer.Argument(help="run folders (model, eval, artifact, bench) or a folder of them")],
+    budgets: Annotated[str, typer.Option("--budgets", help="budgets YAML")],
+    junit: Annotated[Optional[str], typer.Option("--junit", help="write JUnit XML here")] = None,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="write the results as JSON here")] = None,
+    baseline: Annotated[Optional[str], typer.Option("--baseline", help="committed baseline JSON to compare")] = None,
+    update_baseline: Annotated[Optional[bool], typer.Option("--update-baseline", help="write --baseline anew")] = None,
+) -> None:
+    """Check accuracy and speed budgets: exit 0 when all hold, 1 when any fails, 2 on bad input."""
+    from kdship.config import GateConfig, build_config
+    from kdship.gate import gate as run
+    from kdship.gate import print_gate, raise_if_failed
+
+    result = run(build_config(GateConfig, budgets=budgets, runs=runs, junit=junit, json_out=json_out,
+                              baseline=baseline, update_baseline=update_baseline))
+    print_gate(result)
+    raise_if_failed(result)
+
+
 deploy_app = typer.Typer(help="Write inference-server deployments.", no_args_is_help=True)
 app.add_typer(deploy_app, name="deploy")
 

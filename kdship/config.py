@@ -277,3 +277,82 @@ class TritonConfig(Strict):
     queue_delay_us: int = Field(100, ge=0)
     max_length: int | None = Field(None, ge=8, description="tokenizer pads to this; default: the artifact's")
     overwrite: bool = False
+
+
+class BenchConfig(Strict):
+    """`kdship bench`: latency and throughput of one or several models, side by side, per backend and shape."""
+
+    models: list[str] = Field(min_length=1, description="artifact or model folders; the first is the baseline")
+    backends: list[str] = Field(default_factory=lambda: ["ort-cpu"])
+    batch: list[int] = Field(default_factory=lambda: [1, 8, 64])
+    seq: list[int] = Field(default_factory=lambda: [32, 128])
+    threads: int | None = Field(None, ge=1, description="CPU threads (default: all)")
+    warmup_s: float = Field(1.0, ge=0)
+    min_runs: int = Field(20, ge=3)
+    max_seconds: float = Field(10.0, gt=0, description="time bound per measured point")
+    settle: float = Field(0.02, gt=0, le=1, description="stop when the p50 moves less than this between rounds")
+    inputs: Literal["real", "random"] = Field("real", description="real eval texts (when known) or random ids")
+    output: str | None = None
+    overwrite: bool = False
+
+    @field_validator("batch", "seq")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(x < 1 for x in v):
+            raise ValueError("give positive integers, e.g. 1,8,64")
+        return v
+
+
+class ReportConfig(Strict):
+    """`kdship report`: HTML (and Markdown) from saved run folders."""
+
+    runs: list[str] = Field(min_length=1)
+    output: str = "report.html"
+    title: str = "kdship report"
+
+
+class SpeedBudget(Strict):
+    """A latency/throughput budget at one measured point of a bench run."""
+
+    backend: str
+    batch: int = Field(ge=1)
+    seq: int = Field(ge=1)
+    model: str | None = Field(None, description="bench model name; default: the last model (the student)")
+    max_p99_ms: float | None = Field(None, gt=0)
+    max_p50_ms: float | None = Field(None, gt=0)
+    min_sequences_per_s: float | None = Field(None, gt=0)
+    min_speedup: float | None = Field(None, gt=0, description="vs the bench baseline (the teacher)")
+
+    @model_validator(mode="after")
+    def _has_a_limit(self) -> "SpeedBudget":
+        if all(v is None for v in (self.max_p99_ms, self.max_p50_ms, self.min_sequences_per_s, self.min_speedup)):
+            raise ValueError("a speed budget needs a limit: max_p99_ms, max_p50_ms, min_sequences_per_s or min_speedup")
+        return self
+
+
+class BaselineTolerance(Strict):
+    accuracy: float = Field(0.005, ge=0, le=1, description="largest accuracy drop vs the baseline")
+    latency_ratio: float = Field(1.15, ge=1, description="largest p99 growth vs the baseline (ratio)")
+
+
+class Budgets(Strict):
+    """A budgets file (YAML) for `kdship gate`."""
+
+    min_accuracy: float | None = Field(None, ge=0, le=1)
+    min_retention: float | None = Field(None, ge=0, le=2)
+    min_agreement: float | None = Field(None, ge=0, le=1)
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1, description="per export variant, vs PyTorch")
+    max_model_mb: float | None = Field(None, gt=0, description="each exported model file")
+    speed: list[SpeedBudget] = Field(default_factory=list)
+    baseline_tolerance: BaselineTolerance = BaselineTolerance()
+
+
+class GateConfig(Strict):
+    """`kdship gate`: budgets -> exit code for CI."""
+
+    budgets: str
+    runs: list[str] = Field(min_length=1)
+    junit: str | None = None
+    json_out: str | None = None
+    baseline: str | None = None
+    update_baseline: bool = False

@@ -17,7 +17,7 @@ from kdship.loop import Objective, autocast_for, fit, pick_device, run_dir_for_o
 from kdship.losses import LossInputs, WeightedLoss, get_loss
 from kdship.models import (build_model, check_tokenizers_match, check_vocab_compatible, config_from_spec,
                            init_from_teacher, is_mlm, is_shape_spec, label_names_of, load_config, load_tokenizer,
-                           uniform_layer_map)
+                           max_tokens, uniform_layer_map)
 from kdship.artifacts import read_record, sha256_file
 from kdship.train import data_record, finish_run, load_run_data, mlm_collator_for, model_evaluator
 
@@ -121,11 +121,12 @@ def _distill(cfg: DistillConfig, tconfig: Any, output: Path, run_dir: Path) -> d
     eager = "attentions" in needs  # fused attention kernels do not return attention maps
     tokenizer = load_tokenizer(cfg.teacher, "teacher")
     label_names = label_names_of(tconfig) if cfg.objective == "classify" else None
-    data = load_run_data(cfg, tokenizer, label_names)
     teacher = build_model(cfg.objective, source=cfg.teacher, attn_eager=eager).to(device).eval()
     teacher.requires_grad_(False)
     pair = _student(cfg, teacher, tokenizer, label_names, eager)
     student = pair.student.to(device)
+    data = load_run_data(cfg, tokenizer, label_names,
+                         max_tokens(cfg.data.max_length, teacher.config, student.config))
     projections = _projections(pair, "hidden" in needs).to(device)
     collator = mlm_collator_for(cfg, tokenizer)
     evaluate_student, metric, higher = model_evaluator(cfg, student, tokenizer, data, device, autocast, collator)

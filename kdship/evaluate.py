@@ -93,7 +93,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from kdship.data import encode_labels, load_table, tokenize
     from kdship.errors import ConfigError, ModelError
     from kdship.loop import pick_device
-    from kdship.models import build_model, label_names_of, load_config, load_tokenizer
+    from kdship.models import build_model, label_names_of, load_config, load_tokenizer, max_tokens
 
     if not cfg.data.eval:
         raise ConfigError("no eval data; pass --data FILE (or data.eval in the recipe)")
@@ -105,14 +105,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.teacher or cfg.student, "teacher" if cfg.teacher else "student")
     table = load_table(cfg.data.eval, cfg.data.text_columns, cfg.data.label_column, cfg.data.max_eval_samples)
     labels = torch.tensor(encode_labels(table.raw_labels, names, table.source))
-    encoded = tokenize(tokenizer, table, cfg.data.max_length, None)
     models = {"student": cfg.student} | ({"teacher": cfg.teacher} if cfg.teacher else {})
+    configs = {role: load_config(source, role) for role, source in models.items()}
+    encoded = tokenize(tokenizer, table, max_tokens(cfg.data.max_length, *configs.values()), None)
     result: dict[str, Any] = {"data": {"source": table.source, "fingerprint": table.fingerprint, "n": len(table)},
                               "label_names": names, "device": str(device)}
     logits = {}
     for role, source in models.items():
-        config = load_config(source, role)
-        if label_names_of(config) != names:
+        if label_names_of(configs[role]) != names:
             raise ModelError(f"{role} {source} has labels {label_names_of(config)} but the student has {names}; "
                              "evaluate models trained on the same labels")
         model = build_model("classify", source).to(device)

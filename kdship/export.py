@@ -88,7 +88,10 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         raise ConfigError("no output folder; pass -o DIR")
     order = build_order(cfg.to)
     model, tokenizer, record = _student(cfg)
-    max_length = cfg.max_length or record.get("config", {}).get("data", {}).get("max_length", 128)
+    from kdship.models import max_tokens
+
+    trained = record.get("data", {}).get("max_length") or record.get("config", {}).get("data", {}).get("max_length")
+    max_length = max_tokens(cfg.max_length or trained or 128, model.config)
     names = input_names_for(tokenizer, model.config)
     texts, labels = _eval_set(cfg, record, model)
     cases = parity_cases(tokenizer, texts, names, max_length, model.config.vocab_size)

@@ -17,6 +17,21 @@ LAYER_KEY = re.compile(r"\.layer\.(\d+)\.")  # encoder.layer.N. (BERT, RoBERTa, 
 INHERITED = ("vocab_size", "max_position_embeddings", "type_vocab_size", "pad_token_id", "layer_norm_eps")
 
 
+# Families whose position ids start after the padding index, so they hold fewer tokens than their table has rows.
+OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text"}
+
+
+def max_tokens(requested: int, *configs: Any) -> int:
+    """The longest input every given model can take: `requested`, capped by each position table."""
+    limits = [requested]
+    for config in configs:
+        positions = getattr(config, "max_position_embeddings", None)
+        if positions:
+            offset = (config.pad_token_id or 0) + 1 if config.model_type in OFFSET_POSITIONS else 0
+            limits.append(positions - offset)
+    return min(limits)
+
+
 def is_shape_spec(source: str) -> bool:
     return bool(re.fullmatch(r"[a-z][a-z0-9_-]*:[a-z_]+=\w+(,[a-z_]+=\w+)*", source.strip()))
 

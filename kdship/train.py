@@ -18,7 +18,8 @@ from kdship.errors import ConfigError, ModelError
 from kdship.evaluate import classification_metrics, mlm_loss, predict_logits
 from kdship.loop import (BEST, LoopState, Objective, autocast_for, fit, pick_device, run_dir_for_output,
                          seed_everything)
-from kdship.models import build_model, config_from_spec, label_names_of, load_config, load_tokenizer
+from kdship.models import (build_model, config_from_spec, label_names_of, load_config, load_tokenizer,
+                           max_tokens)
 from kdship.tokenizer import train_wordpiece
 
 
@@ -29,10 +30,12 @@ class RunData:
     train_table: TextTable
     eval_table: TextTable | None
     label_names: list[str] | None
+    max_length: int
 
 
-def load_run_data(cfg: RunConfig, tokenizer: Any, label_names: list[str] | None) -> RunData:
-    """Train (and eval) examples tokenized with `tokenizer`; labels checked against the model's label names."""
+def load_run_data(cfg: RunConfig, tokenizer: Any, label_names: list[str] | None, max_length: int) -> RunData:
+    """Train (and eval) examples tokenized with `tokenizer` (at most `max_length` tokens, see models.max_tokens);
+    labels checked against the model's label names."""
     if not cfg.data.train:
         raise ConfigError("no training data; pass --data FILE (or data.train in the recipe)")
     labelled = cfg.objective == "classify"
@@ -46,10 +49,10 @@ def load_run_data(cfg: RunConfig, tokenizer: Any, label_names: list[str] | None)
             raise ModelError(f"the model has {len(label_names)} labels but {train_table.source} has "
                              f"{len(data_names)}; use a model trained on the same labels")
         label_names = label_names or data_names
-    encode = lambda t: tokenize(tokenizer, t, cfg.data.max_length,  # noqa: E731
+    encode = lambda t: tokenize(tokenizer, t, max_length,  # noqa: E731
                                 encode_labels(t.raw_labels, label_names, t.source) if labelled else None)
     return RunData(encode(train_table), encode(eval_table) if eval_table else None, train_table, eval_table,
-                   label_names if labelled else None)
+                   label_names if labelled else None, max_length)
 
 
 def mlm_collator_for(cfg: RunConfig, tokenizer: Any) -> Any:
@@ -101,7 +104,8 @@ def finish_run(output: Path, run_dir: Path, state: LoopState, model: nn.Module, 
 
 def data_record(data: RunData) -> dict[str, Any]:
     tables = {"train": data.train_table, "eval": data.eval_table}
-    return {name: {"source": t.source, "fingerprint": t.fingerprint, "n": len(t)} for name, t in tables.items() if t}
+    record = {name: {"source": t.source, "fingerprint": t.fingerprint, "n": len(t)} for name, t in tables.items() if t}
+    return {**record, "max_length": data.max_length}
 
 
 def _tokenizer_for(cfg: TrainConfig, run_dir: Path) -> Any:
@@ -129,10 +133,6 @@ def _build_train_model(cfg: TrainConfig, tokenizer: Any, data: RunData) -> nn.Mo
     return build_model(cfg.objective, config=config, label_names=data.label_names)
 
 
-def _source_label_names(cfg: TrainConfig) -> list[str] | None:
-    if not cfg.model or cfg.objective != "classify":
-        return None
-    return label_names_of(load_config(cfg.model, "model"))
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -147,7 +147,9 @@ def _train(cfg: TrainConfig, output: Path, run_dir: Path) -> dict[str, Any]:
     device = pick_device(cfg.device)
     autocast = autocast_for(device, cfg.precision)
     tokenizer = _tokenizer_for(cfg, run_dir)
-    data = load_run_data(cfg, tokenizer, _source_label_names(cfg))
+    source_config = load_config(cfg.model, "model") if cfg.model else config_from_spec(cfg.init)
+    label_names = label_names_of(source_config) if cfg.objective == "classify" else None
+    data = load_run_data(cfg, tokenizer, label_names, max_tokens(cfg.data.max_length, source_config))
     model = _build_train_model(cfg, tokenizer, data).to(device)
     collator = mlm_collator_for(cfg, tokenizer)
     evaluate, metric, higher = model_evaluator(cfg, model, tokenizer, data, device, autocast, collator)

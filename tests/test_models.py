@@ -55,3 +55,15 @@ def test_student_vocabulary_must_cover_the_teacher_tokenizer():
 
     with pytest.raises(ModelError, match="vocabulary of 99 tokens but the teacher's tokenizer has 1000"):
         check_vocab_compatible(config_from_spec("bert:vocab=99"), Tok(), "s")
+
+
+def test_max_tokens_caps_by_every_position_table():
+    from transformers import RobertaConfig
+
+    from kdship.models import max_tokens
+
+    bert = config_from_spec("bert:layers=1,max_len=64")
+    roberta = RobertaConfig(max_position_embeddings=130, pad_token_id=1)
+    assert max_tokens(128, bert) == 64
+    assert max_tokens(256, roberta) == 128  # positions start after the padding index
+    assert max_tokens(32, bert, roberta) == 32

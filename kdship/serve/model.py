@@ -42,7 +42,7 @@ def load_served_model(folder: str | Path, backend: str, variant: str | None = No
     from transformers import AutoConfig
 
     from kdship.exporters.onnx_export import input_names_for
-    from kdship.models import load_tokenizer
+    from kdship.models import load_tokenizer, max_tokens
 
     folder = Path(folder)
     chosen = get_backend(backend)
@@ -52,7 +52,7 @@ def load_served_model(folder: str | Path, backend: str, variant: str | None = No
     if not config.id2label:
         raise ModelError(f"{folder} holds no label names (config.json id2label); export a classifier")
     tokenizer = load_tokenizer(str(folder), "artifact")
-    max_length = manifest.get("max_length") or _trained_max_length(folder) or 128
+    max_length = max_tokens(manifest.get("max_length") or _trained_max_length(folder) or 128, config)
     return ServedModel(name=folder.name, tokenizer=tokenizer,
                        label_names=[str(config.id2label[i]) for i in range(len(config.id2label))],
                        input_names=input_names_for(tokenizer, config), max_length=int(max_length),
@@ -63,4 +63,4 @@ def _trained_max_length(folder: Path) -> int | None:
     from kdship.artifacts import read_record
 
     record = read_record(folder) or {}
-    return record.get("config", {}).get("data", {}).get("max_length")
+    return record.get("data", {}).get("max_length") or record.get("config", {}).get("data", {}).get("max_length")

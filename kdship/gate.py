@@ -1,0 +1,170 @@
+"""`kdship gate`: accuracy and speed budgets checked against saved runs, for CI. Exit 0 when every budget holds,
+1 when any fails, 2 on bad input. A ✓/✗ line per budget, JSON, JUnit XML, and an optional committed baseline."""
+
+from __future__ import annotations
+
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kdship.artifacts import atomic_write_json, atomic_write_text, read_json
+from kdship.config import Budgets, GateConfig, SpeedBudget, build_config
+from kdship.errors import CheckFailed, ConfigError
+from kdship.runs import Runs, collect
+
+
+@dataclass
+class Check:
+    name: str
+    measured: float
+    limit: float
+    op: str  # ">=" or "<="
+    passed: bool
+
+    @staticmethod
+    def of(name: str, measured: float, op: str, limit: float) -> "Check":
+        return Check(name, measured, limit, op, measured >= limit if op == ">=" else measured <= limit)
+
+
+def _eval_checks(budgets: Budgets, runs: Runs) -> list[Check]:
+    wanted = {"min_accuracy": budgets.min_accuracy, "min_retention": budgets.min_retention,
+              "min_agreement": budgets.min_agreement}
+    if all(v is None for v in wanted.values()):
+        return []
+    ev = runs.main_eval()
+    if ev is None:
+        raise ConfigError("accuracy budgets need an eval.json (kdship eval) among the run folders")
+    measured = {"min_accuracy": ev["student"]["accuracy"], **{f"min_{k}": v for k, v in ev.get("comparison", {}).items()}}
+    checks = []
+    for key, limit in wanted.items():
+        if limit is None:
+            continue
+        if key not in measured:
+            raise ConfigError(f"budget {key} needs a teacher in the evaluation; run kdship eval --teacher ...")
+        checks.append(Check.of(f"student {key.removeprefix('min_')}", measured[key], ">=", limit))
+    return checks
+
+
+def _export_checks(budgets: Budgets, runs: Runs) -> list[Check]:
+    checks = []
+    if (budgets.max_accuracy_drop is not None or budgets.max_model_mb is not None) and not runs.artifacts:
+        raise ConfigError("export budgets need an artifact folder (kdship export) among the run folders")
+    for folder, manifest in runs.artifacts.items():
+        for name, variant in manifest["variants"].items():
+            drop = variant["parity"].get("accuracy_drop")
+            if budgets.max_accuracy_drop is not None and drop is not None:
+                checks.append(Check.of(f"{Path(folder).name} {name} accuracy drop", drop, "<=", budgets.max_accuracy_drop))
+            if budgets.max_model_mb is not None:
+                size = (Path(folder) / variant["file"]).stat().st_size / 2**20
+                checks.append(Check.of(f"{Path(folder).name} {variant['file']} size MB", size, "<=", budgets.max_model_mb))
+    return checks
+
+
+def _point(runs: Runs, budget: SpeedBudget) -> dict[str, Any]:
+    for bench in runs.benches.values():
+        model = budget.model or bench["results"][-1]["model"]
+        for row in bench["results"]:
+            if (row["backend"], row["batch"], row["seq"], row["model"]) == (budget.backend, budget.batch, budget.seq,
+                                                                              model):
+                return row
+    have = sorted({(r["model"], r["backend"], r["batch"], r["seq"]) for b in runs.benches.values() for r in b["results"]})
+    raise ConfigError(f"no bench result for {budget.model or 'the student'} on {budget.backend} batch {budget.batch} "
+                      f"seq {budget.seq}; measured points: {have[:6]}{' ...' if len(have) > 6 else ''}")
+
+
+def _speed_checks(budgets: Budgets, runs: Runs) -> list[Check]:
+    if budgets.speed and not runs.benches:
+        raise ConfigError("speed budgets need a bench folder (kdship bench -o DIR) among the run folders")
+    checks = []
+    for b in budgets.speed:
+        row = _point(runs, b)
+        where = f"{row['model']} {b.backend} b{b.batch} s{b.seq}"
+        for field, key, op in (("max_p99_ms", "p99_ms", "<="), ("max_p50_ms", "p50_ms", "<="),
+                               ("min_sequences_per_s", "sequences_per_s", ">="),
+                               ("min_speedup", "speedup_vs_baseline", ">=")):
+            limit = getattr(b, field)
+            if limit is not None:
+                checks.append(Check.of(f"{where} {key}", row[key] or 0.0, op, limit))
+    return checks
+
+
+def baseline_facts(runs: Runs) -> dict[str, float]:
+    """What a baseline pins: the student's accuracy and every measured p99."""
+    facts = {}
+    ev = runs.main_eval()
+    if ev:
+        facts["student accuracy"] = ev["student"]["accuracy"]
+    for bench in runs.benches.values():
+        for r in bench["results"]:
+            facts[f"{r['model']} {r['backend']} b{r['batch']} s{r['seq']} p99_ms"] = r["p99_ms"]
+    return facts
+
+
+def _baseline_checks(cfg: GateConfig, budgets: Budgets, facts: dict[str, float]) -> list[Check]:
+    if not cfg.baseline or cfg.update_baseline:
+        return []
+    path = Path(cfg.baseline)
+    if not path.is_file():
+        raise ConfigError(f"baseline {path} not found; create it with --update-baseline")
+    base = read_json(path)["facts"]
+    checks = []
+    tol = budgets.baseline_tolerance
+    for key, value in facts.items():
+        if key not in base:
+            continue
+        if key.endswith("accuracy"):
+            checks.append(Check.of(f"baseline: {key}", value, ">=", base[key] - tol.accuracy))
+        else:
+            checks.append(Check.of(f"baseline: {key}", value, "<=", base[key] * tol.latency_ratio))
+    return checks
+
+
+def junit_xml(checks: list[Check]) -> str:
+    suite = ET.Element("testsuite", name="kdship.gate", tests=str(len(checks)),
+                       failures=str(sum(not c.passed for c in checks)), timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    for c in checks:
+        case = ET.SubElement(suite, "testcase", classname="kdship.gate", name=c.name)
+        if not c.passed:
+            ET.SubElement(case, "failure", message=f"measured {c.measured:.6g}, limit {c.op} {c.limit:.6g}")
+    return ET.tostring(ET.ElementTree(suite).getroot(), encoding="unicode", xml_declaration=True) + "\n"
+
+
+def gate(cfg: GateConfig) -> dict[str, Any]:
+    budgets = build_config(Budgets, cfg.budgets)
+    runs = collect(cfg.runs)
+    checks = (_eval_checks(budgets, runs) + _export_checks(budgets, runs) + _speed_checks(budgets, runs))
+    facts = baseline_facts(runs)
+    checks += _baseline_checks(cfg, budgets, facts)
+    if not checks and not cfg.update_baseline:
+        raise ConfigError(f"budgets file {cfg.budgets} sets no budget; add e.g. min_accuracy: 0.8")
+    result = {"passed": all(c.passed for c in checks), "checks": [asdict(c) for c in checks], "facts": facts}
+    if cfg.update_baseline:
+        if not cfg.baseline:
+            raise ConfigError("--update-baseline needs --baseline PATH to write")
+        atomic_write_json(Path(cfg.baseline), {"kind": "kdship-baseline/1", "facts": facts})
+    if cfg.json_out:
+        atomic_write_json(Path(cfg.json_out), result)
+    if cfg.junit:
+        atomic_write_text(Path(cfg.junit), junit_xml(checks))
+    return result
+
+
+def print_gate(result: dict[str, Any]) -> None:
+    from rich.markup import escape
+
+    from kdship.ui import console
+
+    out = console()
+    for c in result["checks"]:
+        mark = "[green]✓[/green]" if c["passed"] else "[red]✗[/red]"
+        out.print(f"{mark} {escape(c['name'])}: {c['measured']:.6g} (limit {c['op']} {c['limit']:.6g})")
+    failed = sum(not c["passed"] for c in result["checks"])
+    out.print(f"{len(result['checks']) - failed} passed, {failed} failed")
+
+
+def raise_if_failed(result: dict[str, Any]) -> None:
+    failed = [c["name"] for c in result["checks"] if not c["passed"]]
+    if failed:
+        raise CheckFailed(f"{len(failed)} budget(s) failed: {', '.join(failed)}")

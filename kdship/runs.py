@@ -1,0 +1,56 @@
+"""What `report` and `gate` read: saved artifacts only (kdship.json, eval.json, manifest.json, bench.json), found
+in the folders given or one or two levels below them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdship.artifacts import RECORD_NAME
+from kdship.errors import DataError
+
+FILES = (RECORD_NAME, "eval.json", "manifest.json", "bench.json")
+
+
+@dataclass
+class Runs:
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)  # folder -> kdship.json (train/distill outputs)
+    evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # folder -> eval.json
+    artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)  # folder -> manifest.json
+    benches: dict[str, dict[str, Any]] = field(default_factory=dict)  # folder -> bench.json
+
+    def main_eval(self) -> dict[str, Any] | None:
+        """The evaluation to headline: the last one that compares a student with its teacher."""
+        with_teacher = [e for e in self.evals.values() if "comparison" in e]
+        return (with_teacher or list(self.evals.values()) or [None])[-1]
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} could not be read as JSON ({e}); rerun the command that wrote it") from None
+
+
+def _candidates(root: Path) -> list[Path]:
+    return sorted({root, *(p for p in root.glob("*") if p.is_dir()), *(p for p in root.glob("*/*") if p.is_dir())})
+
+
+def collect(paths: list[str]) -> Runs:
+    runs = Runs()
+    slots = {RECORD_NAME: runs.models, "eval.json": runs.evals, "manifest.json": runs.artifacts,
+             "bench.json": runs.benches}
+    for given in paths:
+        root = Path(given)
+        if not root.is_dir():
+            raise DataError(f"{root} not found; give run folders (model, artifact, bench) or a folder holding them")
+        for folder in _candidates(root):
+            is_artifact = (folder / "manifest.json").exists()
+            for name in FILES:
+                if (folder / name).exists() and not (is_artifact and name == RECORD_NAME):  # a copy of the student's
+                    slots[name][str(folder)] = _read(folder / name)
+    if not any((runs.models, runs.evals, runs.artifacts, runs.benches)):
+        raise DataError(f"no kdship outputs (kdship.json, eval.json, manifest.json, bench.json) in {', '.join(paths)}")
+    return runs
