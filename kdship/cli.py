@@ -129,10 +129,32 @@ def _losses(specs: list[str] | None) -> list[dict[str, Any]] | None:
     return losses
 
 
+def raise_usage(message: str) -> None:
+    from kdship.errors import ConfigError
+
+    raise ConfigError(message)
+
+
+def _split_students(value: str | None) -> list[str] | None:
+    """Split on commas that separate students, not on the commas inside a shape spec (bert:layers=2,hidden=64)."""
+    if not value:
+        return None
+    parts: list[str] = []
+    for piece in value.split(","):
+        if parts and "=" in piece and ":" not in piece:
+            parts[-1] += "," + piece
+        else:
+            parts.append(piece.strip())
+    return parts
+
+
 @command
 def distill(
     teacher: Annotated[Optional[str], typer.Option("--teacher", help="teacher folder or hub id")] = None,
     student: Annotated[Optional[str], typer.Option("--student", help="folder, hub id or shape spec")] = None,
+    students: Annotated[Optional[str], typer.Option("--students", help="several in one pass: 4L312,6L768 (layers L "
+                                                    "width), specs or folders, comma-separated")] = None,
+    teacher_cache: Annotated[Optional[str], typer.Option("--teacher-cache", help="auto | off")] = None,
     loss: Annotated[Optional[list[str]], typer.Option("--loss", help="name[:weight[:weight_end]], repeatable")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature")] = None,
     layer_map: Annotated[Optional[str], typer.Option("--layer-map", help="e.g. 0,2,4 (teacher hidden index per "
@@ -145,11 +167,27 @@ def distill(
     recipe: Recipe = None, resume: Resume = None, overwrite: Overwrite = None,
 ) -> None:
     """Distill a student from a teacher (soft/hard labels, hidden-state and attention matching)."""
-    from kdship.config import DistillConfig, build_config
+    from kdship.config import DistillConfig, PipelineConfig, build_config, read_recipe
     from kdship.distill import distill as run
 
+    if recipe and "stages" in read_recipe(recipe):
+        from kdship.pipeline import run_pipeline
+
+        if teacher or data or eval_data or loss or objective:
+            raise_usage("with a pipeline recipe, teachers, data, objectives and losses are set per stage in the recipe")
+        common = {k: v for k, v in dict(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+                                        grad_accum=grad_accum, eval_every=eval_every, save_every=save_every,
+                                        temperature=temperature, teacher_cache=teacher_cache).items()
+                  if v is not None}
+        pipeline = build_config(PipelineConfig, recipe, student=student, students=_split_students(students),
+                                output=output, seed=seed, device=device, precision=precision, resume=resume,
+                                overwrite=overwrite)
+        result = run_pipeline(pipeline.model_copy(update={"common": {**pipeline.common, **common}}))
+        typer.echo(f"wrote {result['output']}: final {', '.join(result['final'].values())}")
+        return
     cfg = build_config(
         DistillConfig, recipe, teacher=teacher, student=student, losses=_losses(loss), temperature=temperature,
+        students=_split_students(students), teacher_cache=teacher_cache,
         layer_map=layer_map.split(",") if layer_map else None,
         data=_data(data, eval_data, text_column, label_column, max_length, max_train_samples, max_eval_samples),
         objective=objective, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,

@@ -4,6 +4,7 @@ Unknown keys and out-of-range values are errors that name the field."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -61,7 +62,9 @@ class RunConfig(Strict):
 
     output: str | None = None
     data: DataConfig = DataConfig()
-    objective: Literal["classify", "mlm"] = "classify"
+    objective: Literal["classify", "mlm", "features"] = Field(
+        "classify", description="classify: labelled task data; mlm: masked-LM on text; features: hidden/attention "
+                                "matching only, on any text (distill)")
     epochs: float = Field(3.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     batch_size: int = Field(32, ge=1)
@@ -97,15 +100,29 @@ class TrainConfig(RunConfig):
         return self
 
 
+def named_students(v: Any) -> Any:
+    """A list of students (4L312, specs, paths) becomes name -> source, names made folder-safe."""
+    if not isinstance(v, list):
+        return v
+    names = [re.sub(r"[^A-Za-z0-9_.-]+", "_", str(s)).strip("_") or f"student{i}" for i, s in enumerate(v)]
+    if len(set(names)) != len(names):
+        raise ValueError(f"students must differ, got {v}")
+    return dict(zip(names, v))
+
+
 def _default_losses() -> list[LossSpec]:
     return [LossSpec(name="kd", weight=0.5), LossSpec(name="ce", weight=0.5)]
 
 
 class DistillConfig(RunConfig):
-    """`kdship distill`: a student learns from a teacher."""
+    """`kdship distill`: a student (or several, sharing one teacher forward per batch) learns from a teacher."""
 
     teacher: str | None = None
     student: str | None = Field(None, description="path, hub id, or shape spec (bert:layers=4,hidden=312,...)")
+    students: dict[str, str] | None = Field(
+        None, description="several students trained in one pass: a list (4L312, 6L768, specs, paths) or name: source")
+    teacher_cache: Literal["auto", "off"] = Field(
+        "auto", description="auto: precompute the teacher's logits once when the losses need nothing else")
     losses: list[LossSpec] = Field(default_factory=_default_losses)
     temperature: float = Field(2.0, gt=0)
     layer_map: list[int] | None = Field(
@@ -114,10 +131,22 @@ class DistillConfig(RunConfig):
     init_from_teacher: bool = Field(True, description="copy every k-th teacher layer into a same-width spec student")
     lr: float = Field(1e-4, gt=0, le=1.0)
 
+    _named = field_validator("students", mode="before")(lambda cls, v: named_students(v))
+
     @model_validator(mode="after")
-    def _has_losses(self) -> "DistillConfig":
+    def _consistent(self) -> "DistillConfig":
         if not self.losses:
             raise ValueError("losses is empty; give at least one (kdship list losses)")
+        if self.student and self.students:
+            raise ValueError("give student or students, not both")
+        if self.students is not None and len(self.students) < 1:
+            raise ValueError("students is empty")
+        if self.objective == "features":
+            from kdship.losses import LOSSES
+
+            logit_losses = [s.name for s in self.losses if "logits" in LOSSES[s.name].needs]
+            if logit_losses:
+                raise ValueError(f"objective features matches hidden states and attentions only; drop {logit_losses}")
         return self
 
 
@@ -356,3 +385,52 @@ class GateConfig(Strict):
     json_out: str | None = None
     baseline: str | None = None
     update_baseline: bool = False
+
+
+STAGE_SETTINGS = ("objective", "losses", "temperature", "layer_map", "epochs", "max_steps", "batch_size", "lr",
+                  "warmup_ratio", "schedule", "grad_accum", "eval_every", "save_every", "teacher_cache",
+                  "init_from_teacher", "mlm_probability", "weight_decay", "max_grad_norm", "eval_batch_size")
+
+
+class StageConfig(Strict):
+    """One stage of a progressive pipeline: which teacher and data it uses (names or paths), its objective and
+    losses, and any training setting that differs from the pipeline's `common` settings."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    teacher: str
+    data: str | DataConfig
+    allow_multi_change: bool = Field(False, description="let this stage change more than one of teacher/data/objective")
+    settings: dict[str, Any] = Field(default_factory=dict, description="DistillConfig fields for this stage")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_settings(cls, v: Any) -> Any:
+        """Stage-level training keys (objective, losses, lr, ...) are gathered into `settings`."""
+        if isinstance(v, dict):
+            v = dict(v)
+            settings = dict(v.pop("settings", {}))
+            for key in [k for k in v if k in STAGE_SETTINGS]:
+                settings[key] = v.pop(key)
+            v["settings"] = settings
+        return v
+
+
+class PipelineConfig(Strict):
+    """`kdship distill --recipe pipeline.yaml` with `stages:`: progressive multi-stage distillation. Each stage's
+    student starts from the previous stage's; by default each stage changes exactly one of teacher, data and
+    objective (the recipe validator enforces it)."""
+
+    output: str | None = None
+    student: str | None = None
+    students: dict[str, str] | None = None
+    teachers: dict[str, str] = Field(default_factory=dict, description="name -> folder or hub id")
+    datasets: dict[str, DataConfig] = Field(default_factory=dict, description="name -> data settings")
+    common: dict[str, Any] = Field(default_factory=dict, description="DistillConfig fields shared by every stage")
+    stages: list[StageConfig] = Field(min_length=1)
+    seed: int = 42
+    device: Device = "auto"
+    precision: Precision = "auto"
+    resume: bool = False
+    overwrite: bool = False
+
+    _named = field_validator("students", mode="before")(lambda cls, v: named_students(v))

@@ -3,7 +3,9 @@ student forward, the weighted registry losses, the optimizer step (in kdship.loo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +15,13 @@ from torch import nn
 from kdship.config import DistillConfig, to_record
 from kdship.errors import ConfigError, ModelError
 from kdship.evaluate import predict_logits
-from kdship.loop import Objective, autocast_for, fit, pick_device, run_dir_for_output, seed_everything
+from kdship.loop import Member, Objective, autocast_for, fit, pick_device, run_dir_for_output, seed_everything
 from kdship.losses import LossInputs, WeightedLoss, get_loss
 from kdship.models import (build_model, check_tokenizers_match, check_vocab_compatible, config_from_spec,
-                           init_from_teacher, is_mlm, is_shape_spec, label_names_of, load_config, load_tokenizer,
+                           expand_shorthand, init_from_teacher, is_mlm, is_shape_spec, label_names_of, load_config, load_tokenizer,
                            max_tokens, uniform_layer_map)
-from kdship.artifacts import read_record, sha256_file
-from kdship.train import data_record, finish_run, load_run_data, mlm_collator_for, model_evaluator
+from kdship.artifacts import read_record, sha256_file, write_record
+from kdship.train import data_record, load_run_data, mlm_collator_for, model_evaluator, write_output
 
 
 @dataclass
@@ -55,27 +57,42 @@ def _layer_map(cfg: DistillConfig, student_layers: int, teacher_layers: int) -> 
     return cfg.layer_map
 
 
-def _student(cfg: DistillConfig, teacher: nn.Module, tokenizer: Any, label_names: list[str] | None,
-             eager: bool) -> Pair:
+def head_for(cfg: DistillConfig, teacher_config: Any) -> str:
+    """The model class to build: the objective's, or for feature matching the teacher's own kind of head."""
+    if cfg.objective != "features":
+        return cfg.objective
+    return "mlm" if is_mlm(teacher_config) else "classify"  # a bare encoder (no head) is loaded as a classifier
+
+
+def student_sources(cfg: DistillConfig, family: str) -> dict[str, str]:
+    """name -> source of every student; shorthand like 4L312 becomes a spec of the teacher's family."""
+    if cfg.students:
+        return {name: expand_shorthand(source, family) for name, source in cfg.students.items()}
     if not cfg.student:
-        raise ConfigError("no student; pass --student DIR, a hub id, or a shape spec such as bert:layers=4,hidden=312")
+        raise ConfigError("no student; pass --student DIR, a hub id, or a shape spec such as bert:layers=4,hidden=312 "
+                          "(or --students 4L312,6L768)")
+    return {"student": expand_shorthand(cfg.student, family)}
+
+
+def _student(cfg: DistillConfig, source: str, head: str, teacher: nn.Module, tokenizer: Any,
+             label_names: list[str] | None, eager: bool) -> Pair:
     tcfg = teacher.config
-    if is_shape_spec(cfg.student):
-        config = config_from_spec(cfg.student, base=tcfg)
-        student = build_model(cfg.objective, config=config, label_names=label_names, attn_eager=eager)
+    if is_shape_spec(source):
+        config = config_from_spec(source, base=tcfg)
+        student = build_model(head, config=config, label_names=label_names, attn_eager=eager)
     else:
-        config = load_config(cfg.student, "student")
-        if (Path(cfg.student) / "tokenizer_config.json").exists() or (Path(cfg.student) / "tokenizer.json").exists():
-            check_tokenizers_match(tokenizer, load_tokenizer(cfg.student, "student"), cfg.student)
-        check_vocab_compatible(config, tokenizer, cfg.student)
+        config = load_config(source, "student")
+        if (Path(source) / "tokenizer_config.json").exists() or (Path(source) / "tokenizer.json").exists():
+            check_tokenizers_match(tokenizer, load_tokenizer(source, "student"), source)
+        check_vocab_compatible(config, tokenizer, source)
         names = label_names_of(config)
-        if cfg.objective == "classify" and names is not None and len(names) != len(label_names):
-            raise ModelError(f"student {cfg.student} has {len(names)} labels but the teacher has {len(label_names)}; "
+        if head == "classify" and names is not None and label_names is not None and len(names) != len(label_names):
+            raise ModelError(f"student {source} has {len(names)} labels but the teacher has {len(label_names)}; "
                              "use a student without a classification head, or one trained on the same labels")
-        student = build_model(cfg.objective, source=cfg.student, label_names=label_names, attn_eager=eager)
+        student = build_model(head, source=source, label_names=label_names, attn_eager=eager)
     layer_map = _layer_map(cfg, student.config.num_hidden_layers, tcfg.num_hidden_layers)
     copied = 0
-    if is_shape_spec(cfg.student) and cfg.init_from_teacher and student.config.hidden_size == tcfg.hidden_size:
+    if is_shape_spec(source) and cfg.init_from_teacher and student.config.hidden_size == tcfg.hidden_size:
         copied = init_from_teacher(student, teacher, layer_map)
     return Pair(teacher, student, layer_map, copied)
 
@@ -112,6 +129,49 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         return _distill(cfg, tconfig, Path(cfg.output), run_dir)
 
 
+@dataclass
+class Trainee:
+    """One student in training: the model, its projections and loss bookkeeping."""
+
+    name: str
+    pair: Pair
+    projections: nn.ModuleList
+    prefix: str  # "" for a single student, "name/" for several (log and metric keys)
+    forward_seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)  # per step, for the first/last loss in kdship.json
+
+    def loss_summary(self, window: int = 5) -> dict[str, float]:
+        """Mean loss over the first and the last few steps: did this student learn?"""
+        if not self.losses:
+            return {}
+        return {"loss_first": sum(self.losses[:window]) / len(self.losses[:window]),
+                "loss_last": sum(self.losses[-window:]) / len(self.losses[-window:])}
+
+
+def precompute_teacher_logits(cfg: DistillConfig, needs: set[str], teacher: nn.Module, tokenizer: Any,
+                              data: Any, device: torch.device, autocast: Any) -> torch.Tensor | None:
+    """The teacher's logits for every training example, once, when that is all the losses read and the inputs do
+    not change between epochs (no random masking): the teacher then costs one pass instead of one per epoch.
+    Computed in a fixed order, so a resumed run uses exactly the same values."""
+    safe = cfg.objective == "classify" and needs <= {"logits", "teacher"}
+    if cfg.teacher_cache == "off" or not safe:
+        return None
+    return predict_logits(teacher, tokenizer, data.train, cfg.eval_batch_size, device, autocast)
+
+
+def _losses_for(trainee: Trainee, t_out: Any, s_out: Any, batch: dict[str, Any], needs: set[str],
+                teacher_logits: torch.Tensor, temperature: float) -> LossInputs:
+    x = LossInputs(student_logits=s_out.logits, teacher_logits=teacher_logits, labels=batch.get("labels"),
+                   attention_mask=batch["attention_mask"], temperature=temperature)
+    if "hidden" in needs:
+        x.student_hidden = [proj(h.float()) for proj, h in zip(trainee.projections, s_out.hidden_states)]
+        x.teacher_hidden = [t_out.hidden_states[i] for i in trainee.pair.layer_map]
+    if "attentions" in needs:
+        x.student_attentions = s_out.attentions
+        x.teacher_attentions = [t_out.attentions[i - 1] for i in trainee.pair.layer_map[1:]]
+    return x
+
+
 def _distill(cfg: DistillConfig, tconfig: Any, output: Path, run_dir: Path) -> dict[str, Any]:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
@@ -119,56 +179,91 @@ def _distill(cfg: DistillConfig, tconfig: Any, output: Path, run_dir: Path) -> d
     terms = [WeightedLoss(get_loss(spec.name), spec.weight, spec.weight_end) for spec in cfg.losses]
     needs = set().union(*(t.loss.needs for t in terms))
     eager = "attentions" in needs  # fused attention kernels do not return attention maps
+    head = head_for(cfg, tconfig)
     tokenizer = load_tokenizer(cfg.teacher, "teacher")
-    label_names = label_names_of(tconfig) if cfg.objective == "classify" else None
-    teacher = build_model(cfg.objective, source=cfg.teacher, attn_eager=eager).to(device).eval()
+    label_names = label_names_of(tconfig) if head == "classify" else None
+    teacher = build_model(head, source=cfg.teacher, attn_eager=eager).to(device).eval()
     teacher.requires_grad_(False)
-    pair = _student(cfg, teacher, tokenizer, label_names, eager)
-    student = pair.student.to(device)
-    data = load_run_data(cfg, tokenizer, label_names,
-                         max_tokens(cfg.data.max_length, teacher.config, student.config))
-    projections = _projections(pair, "hidden" in needs).to(device)
+    sources = student_sources(cfg, tconfig.model_type)
+    multi = cfg.students is not None
+    trainees = []
+    for name, source in sources.items():
+        pair = _student(cfg, source, head, teacher, tokenizer, label_names, eager)
+        pair.student.to(device)
+        trainees.append(Trainee(name, pair, _projections(pair, "hidden" in needs).to(device), f"{name}/" if multi else ""))
+    data = load_run_data(cfg, tokenizer, label_names if cfg.objective == "classify" else None,
+                         max_tokens(cfg.data.max_length, teacher.config, *(t.pair.student.config for t in trainees)))
     collator = mlm_collator_for(cfg, tokenizer)
-    evaluate_student, metric, higher = model_evaluator(cfg, student, tokenizer, data, device, autocast, collator)
+    cached = precompute_teacher_logits(cfg, needs, teacher, tokenizer, data, device, autocast)
     teacher_eval = (predict_logits(teacher, tokenizer, data.eval, cfg.eval_batch_size, device, autocast)
                     if data.eval is not None and cfg.objective == "classify" else None)
+    evaluators = {t.name: model_evaluator(cfg, t.pair.student, tokenizer, data, device, autocast, collator)
+                  for t in trainees}
+    counters = {"teacher_forward_calls": 0}
 
-    def evaluate_with_agreement() -> dict[str, float]:
-        metrics = evaluate_student()
-        if teacher_eval is not None:
-            student_eval = predict_logits(student, tokenizer, data.eval, cfg.eval_batch_size, device, autocast)
-            metrics["agreement"] = student_eval.argmax(-1).eq(teacher_eval.argmax(-1)).float().mean().item()
+    def evaluate() -> dict[str, float]:
+        metrics = {}
+        for t in trainees:
+            student_metrics = evaluators[t.name][0]()
+            if teacher_eval is not None:
+                logits = predict_logits(t.pair.student, tokenizer, data.eval, cfg.eval_batch_size, device, autocast)
+                student_metrics["agreement"] = logits.argmax(-1).eq(teacher_eval.argmax(-1)).float().mean().item()
+            metrics |= {f"{t.prefix}{k}": v for k, v in student_metrics.items()}
         return metrics
 
-    def step(batch: dict[str, Any], progress: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def step(batch: dict[str, Any], progress: float, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         batch = {k: v.to(device) for k, v in batch.items()}
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         want = {"output_hidden_states": "hidden" in needs, "output_attentions": "attentions" in needs}
-        with autocast():
-            with torch.no_grad():
-                t_out = teacher(**inputs, **want)
-            s_out = student(**inputs, **want)
-        x = LossInputs(student_logits=s_out.logits, teacher_logits=t_out.logits, labels=batch.get("labels"),
-                       attention_mask=batch["attention_mask"], temperature=cfg.temperature)
-        if "hidden" in needs:
-            x.student_hidden = [proj(h.float()) for proj, h in zip(projections, s_out.hidden_states)]
-            x.teacher_hidden = [t_out.hidden_states[i] for i in pair.layer_map]
-        if "attentions" in needs:
-            x.student_attentions = s_out.attentions
-            x.teacher_attentions = [t_out.attentions[i - 1] for i in pair.layer_map[1:]]
+        t_out = None
+        if cached is None:
+            with autocast(), torch.no_grad():
+                t_out = teacher(**inputs, **want)  # once per batch, shared by every student
+            counters["teacher_forward_calls"] += 1
+        teacher_logits = cached[indices].to(device) if cached is not None else t_out.logits
         total, logs = 0.0, {}
-        for term in terms:
-            value = term.loss.fn(x)
-            total = total + term.weight_at(progress) * value
-            logs[term.loss.name] = value.item()
+        for t in trainees:
+            started = time.perf_counter()
+            with autocast():
+                s_out = t.pair.student(**inputs, **want)
+            x = _losses_for(t, t_out, s_out, batch, needs, teacher_logits, cfg.temperature)
+            values = [term.loss.fn(x) for term in terms]
+            student_total = sum(term.weight_at(progress) * value for term, value in zip(terms, values))
+            logs |= {f"{t.prefix}{term.loss.name}": value.item() for term, value in zip(terms, values)}
+            t.losses.append(student_total.item())
+            total = total + student_total
+            t.forward_seconds += time.perf_counter() - started
         return total, logs
 
-    evaluate = evaluate_with_agreement if evaluate_student else None
-    objective = Objective(step, evaluate, metric, higher, student.save_pretrained)
-    trainable = nn.ModuleDict({"student": student, "projections": projections})
-    state = fit(cfg, trainable, objective, data.train, tokenizer, run_dir, collator, "distill")
-    record = {"command": "distill", "config": to_record(cfg), "data": data_record(data), "device": str(device),
-              "teacher": teacher_identity(cfg.teacher) | {"parameters": sum(p.numel() for p in teacher.parameters())},
-              "student": {"source": cfg.student, "parameters": sum(p.numel() for p in student.parameters()),
-                          "layer_map": pair.layer_map, "tensors_copied_from_teacher": pair.copied_from_teacher}}
-    return finish_run(output, run_dir, state, student, tokenizer, record, cfg.overwrite)
+    members = [Member(t.name, nn.ModuleDict({"model": t.pair.student, "projections": t.projections}),
+                      t.pair.student.save_pretrained, f"{t.prefix}{evaluators[t.name][1]}" if evaluators[t.name][0]
+                      else "", evaluators[t.name][2]) for t in trainees]
+    has_eval = any(e[0] for e in evaluators.values())
+    label = "distill" + (f" x{len(trainees)} students" if multi else "") + (" (teacher cached)" if cached is not None
+                                                                            else "")
+    state = fit(cfg, Objective(step, evaluate if has_eval else None, members), data.train, tokenizer, run_dir,
+                collator, label)
+    teacher_record = teacher_identity(cfg.teacher) | {"parameters": sum(p.numel() for p in teacher.parameters())}
+    results = {}
+    for t in trainees:
+        params = sum(p.numel() for p in t.pair.student.parameters()) + sum(p.numel() for p in t.projections.parameters())
+        record = {"command": "distill", "config": to_record(cfg), "data": data_record(data), "device": str(device),
+                  "teacher": teacher_record,
+                  "student": {"name": t.name, "source": sources[t.name], "parameters": sum(
+                      p.numel() for p in t.pair.student.parameters()), "layer_map": t.pair.layer_map,
+                              "tensors_copied_from_teacher": t.pair.copied_from_teacher},
+                  "training": {"teacher_cache": cached is not None, **counters, **t.loss_summary(),
+                               "student_forward_seconds": round(t.forward_seconds, 3),
+                               "students_in_pass": len(trainees),
+                               # weights, gradients and AdamW's two moments, fp32
+                               "training_state_mb": round(params * 4 * 4 / 2**20, 2)}}
+        target = output / t.name if multi else output
+        results[t.name] = write_output(target, run_dir, state, t.name, t.pair.student, tokenizer, record,
+                                       cfg.overwrite, t.prefix)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if not multi:
+        return results["student"]
+    summary = {"command": "distill-students", "config": to_record(cfg),
+               "students": {n: r["output"] for n, r in results.items()}}
+    write_record(output, summary)
+    return {"output": str(output), "students": results, "metrics": {}}

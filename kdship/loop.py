@@ -59,31 +59,47 @@ class LoopState:
     step: int = 0
     epoch: int = 0
     group_in_epoch: int = 0
-    best_metric: float | None = None
-    best_step: int | None = None
+    best: dict[str, dict[str, float]] = field(default_factory=dict)  # member -> {"metric": value, "step": step}
     history: list[dict[str, Any]] = field(default_factory=list)
     samples_seen: int = 0
     train_seconds: float = 0.0
 
 
 @dataclass
+class Member:
+    """One model the loop trains and keeps the best of (one per student in multi-student distillation)."""
+
+    name: str
+    module: nn.Module  # everything of this member that trains: the model, and its projections
+    save: Callable[[Path], None]  # writes the model worth keeping into a folder
+    metric: str = ""  # key of evaluate()'s result that decides "best"; "" keeps the last weights
+    higher_is_better: bool = True
+
+
+@dataclass
 class Objective:
     """What the loop optimises and how it judges progress."""
 
-    step_fn: Callable[[dict[str, Any], float], tuple[torch.Tensor, dict[str, float]]]  # (batch, progress) -> loss, logs
+    # (batch, progress in [0, 1], example indices) -> (loss, logs)
+    step_fn: Callable[[dict[str, Any], float, list[int]], tuple[torch.Tensor, dict[str, float]]]
     evaluate: Callable[[], dict[str, float]] | None  # None without eval data: the last weights are kept
-    metric: str  # key of evaluate()'s result used to keep the best checkpoint
-    higher_is_better: bool
-    save_best: Callable[[Path], None]  # writes the model(s) worth keeping into a folder
+    members: list[Member]
+
+    def trainable(self) -> nn.ModuleDict:
+        return nn.ModuleDict({m.name: m.module for m in self.members})
 
 
-def _optimizer(cfg: RunConfig, trainable: nn.Module) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, p in trainable.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=False)
+def _optimizer(cfg: RunConfig, members: list[Member]) -> torch.optim.Optimizer:
+    """AdamW with decay / no-decay groups per member. Adam's state is per parameter, so this equals one optimizer
+    per member with the same schedule; gradients are clipped per member in the loop."""
+    groups = []
+    for member in members:
+        decay, no_decay = [], []
+        for name, p in member.module.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        groups += [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, fused=False)
 
 
 def _scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
@@ -172,19 +188,25 @@ def _is_better(value: float, best: float | None, higher: bool) -> bool:
     return best is None or (value > best if higher else value < best)
 
 
-def _save_best(objective: Objective, run_dir: Path) -> None:
-    tmp = run_dir / f"{BEST}.tmp"
+def best_dir(run_dir: Path, member: str) -> Path:
+    return run_dir / BEST / member
+
+
+def _save_best(member: Member, run_dir: Path) -> None:
+    final = best_dir(run_dir, member.name)
+    tmp = final.with_name(f"{member.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    objective.save_best(tmp)
-    shutil.rmtree(run_dir / BEST, ignore_errors=True)
-    os.replace(tmp, run_dir / BEST)
+    member.save(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
 
 
-def fit(cfg: RunConfig, trainable: nn.Module, objective: Objective, train: Encoded, tokenizer: Any,
-        run_dir: Path, mlm_collator: Any = None, progress_label: str = "train") -> LoopState:
+def fit(cfg: RunConfig, objective: Objective, train: Encoded, tokenizer: Any, run_dir: Path,
+        mlm_collator: Any = None, progress_label: str = "train") -> LoopState:
     """Run the loop to cfg's step budget, resuming from run_dir's checkpoint when cfg.resume is set."""
     total, groups_per_epoch = total_steps_for(cfg, len(train.features))
-    optimizer = _optimizer(cfg, trainable)
+    trainable = objective.trainable()
+    optimizer = _optimizer(cfg, objective.members)
     scheduler = _scheduler(cfg, optimizer, total)
     checkpointer = Checkpointer(run_dir, cfg)
     state = LoopState()
@@ -203,10 +225,11 @@ def fit(cfg: RunConfig, trainable: nn.Module, objective: Objective, train: Encod
                 for bi, indices in enumerate(groups[gi]):
                     mask_seed = hash((cfg.seed, state.epoch, gi, bi)) & 0x7FFFFFFF
                     batch = collate(tokenizer, train, indices, mlm_collator, mask_seed)
-                    loss, logs = objective.step_fn(batch, state.step / total)
+                    loss, logs = objective.step_fn(batch, state.step / total, indices)
                     (loss / len(groups[gi])).backward()
                     state.samples_seen += len(indices)
-                torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.max_grad_norm)
+                for member in objective.members:
+                    torch.nn.utils.clip_grad_norm_(member.module.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -228,12 +251,15 @@ def fit(cfg: RunConfig, trainable: nn.Module, objective: Objective, train: Encod
 
 def _evaluate(objective: Objective, state: LoopState, run_dir: Path) -> None:
     metrics = objective.evaluate()
-    entry = {"step": state.step, "epoch": state.epoch, **metrics}
-    state.history.append(entry)
-    value = metrics[objective.metric]
-    if _is_better(value, state.best_metric, objective.higher_is_better):
-        state.best_metric, state.best_step = value, state.step
-        _save_best(objective, run_dir)
+    state.history.append({"step": state.step, "epoch": state.epoch, **metrics})
+    for member in objective.members:
+        if not member.metric:
+            continue
+        value = metrics[member.metric]
+        best = state.best.get(member.name)
+        if _is_better(value, best and best["metric"], member.higher_is_better):
+            state.best[member.name] = {"metric": value, "step": state.step}
+            _save_best(member, run_dir)
 
 
 @contextlib.contextmanager

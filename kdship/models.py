@@ -32,6 +32,16 @@ def max_tokens(requested: int, *configs: Any) -> int:
     return min(limits)
 
 
+def expand_shorthand(source: str, family: str) -> str:
+    """'4L312' -> a shape spec of the teacher's family: 4 layers, 312 wide, heads of 64 where possible, ffn 4x."""
+    match = re.fullmatch(r"(\d+)L(\d+)", source.strip())
+    if not match:
+        return source
+    layers, hidden = int(match.group(1)), int(match.group(2))
+    heads = next(h for h in (hidden // 64 if hidden % 64 == 0 else 0, 12, 8, 6, 4, 3, 2, 1) if h and hidden % h == 0)
+    return f"{family}:layers={layers},hidden={hidden},heads={heads},ffn={4 * hidden}"
+
+
 def is_shape_spec(source: str) -> bool:
     return bool(re.fullmatch(r"[a-z][a-z0-9_-]*:[a-z_]+=\w+(,[a-z_]+=\w+)*", source.strip()))
 

@@ -162,6 +162,8 @@ def bench_table(bench: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]
 def model_table(runs: Runs) -> tuple[str, list[str], list[list[str]]]:
     rows = []
     for folder, r in runs.models.items():
+        if r.get("command") == "distill-students":  # an index of the student folders, which are listed themselves
+            continue
         params = (r.get("student") or r.get("model") or {}).get("parameters")
         training = r.get("training", {})
         rows.append([Path(folder).name, r.get("command", ""), _fmt(params), _fmt((r.get("metrics") or {}).get(

@@ -16,8 +16,8 @@ from kdship.config import RunConfig, TrainConfig, to_record
 from kdship.data import Encoded, TextTable, encode_labels, label_names_from_data, load_table, tokenize
 from kdship.errors import ConfigError, ModelError
 from kdship.evaluate import classification_metrics, mlm_loss, predict_logits
-from kdship.loop import (BEST, LoopState, Objective, autocast_for, fit, pick_device, run_dir_for_output,
-                         seed_everything)
+from kdship.loop import (LoopState, Member, Objective, autocast_for, best_dir, fit, pick_device,
+                         run_dir_for_output, seed_everything)
 from kdship.models import (build_model, config_from_spec, label_names_of, load_config, load_tokenizer,
                            max_tokens)
 from kdship.tokenizer import train_wordpiece
@@ -68,7 +68,7 @@ def mlm_collator_for(cfg: RunConfig, tokenizer: Any) -> Any:
 def model_evaluator(cfg: RunConfig, model: nn.Module, tokenizer: Any, data: RunData, device: torch.device,
                     autocast: Any, mlm_collator: Any) -> tuple[Callable[[], dict[str, float]] | None, str, bool]:
     """(evaluate, metric name, higher is better) for the run's objective; evaluate is None without eval data."""
-    if data.eval is None:
+    if data.eval is None or cfg.objective == "features":  # feature matching has no task metric: keep the last
         return None, "", True
     if cfg.objective == "mlm":
         return (lambda: {"mlm_loss": mlm_loss(model, tokenizer, data.eval, cfg.eval_batch_size, device,
@@ -82,23 +82,34 @@ def model_evaluator(cfg: RunConfig, model: nn.Module, tokenizer: Any, data: RunD
     return accuracy, "accuracy", True
 
 
-def finish_run(output: Path, run_dir: Path, state: LoopState, model: nn.Module, tokenizer: Any,
-               record: dict[str, Any], overwrite: bool) -> dict[str, Any]:
-    """Write the output folder atomically: best weights (or last, without eval data), tokenizer, kdship.json."""
-    best = run_dir / BEST
-    metrics = next((h for h in state.history if h["step"] == state.best_step), {})
+def member_metrics(entry: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """One member's metrics from a history entry (multi-student entries are keyed 'name/metric')."""
+    return {k.removeprefix(prefix): v for k, v in entry.items() if k in ("step", "epoch") or k.startswith(prefix)}
+
+
+def training_summary(state: LoopState, member: str) -> dict[str, Any]:
+    best = state.best.get(member, {})
+    return {"steps": state.step, "best_step": best.get("step"), "samples_seen": state.samples_seen,
+            "train_seconds": round(state.train_seconds, 3),
+            "samples_per_second": round(state.samples_seen / max(state.train_seconds, 1e-9), 2)}
+
+
+def write_output(output: Path, run_dir: Path, state: LoopState, member: str, model: nn.Module, tokenizer: Any,
+                 record: dict[str, Any], overwrite: bool, prefix: str = "") -> dict[str, Any]:
+    """Write one model's output folder atomically: best weights (or last, without eval data), tokenizer,
+    kdship.json with its metrics, evaluation history and training summary."""
+    best = best_dir(run_dir, member)
+    best_step = state.best.get(member, {}).get("step")
+    metrics = next((member_metrics(h, prefix) for h in state.history if h["step"] == best_step), {})
     with staged_dir(output, overwrite=overwrite) as tmp:
         if best.exists():
             shutil.copytree(best, tmp, dirs_exist_ok=True)
         else:
             model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        record = {**record, "metrics": metrics, "history": state.history,
-                  "training": {"steps": state.step, "best_step": state.best_step, "samples_seen": state.samples_seen,
-                               "train_seconds": round(state.train_seconds, 3),
-                               "samples_per_second": round(state.samples_seen / max(state.train_seconds, 1e-9), 2)}}
+        record = {**record, "metrics": metrics, "history": [member_metrics(h, prefix) for h in state.history],
+                  "training": {**training_summary(state, member), **record.get("training", {})}}
         write_record(tmp, record)
-    shutil.rmtree(run_dir, ignore_errors=True)
     return {"output": str(output), **record}
 
 
@@ -154,14 +165,16 @@ def _train(cfg: TrainConfig, output: Path, run_dir: Path) -> dict[str, Any]:
     collator = mlm_collator_for(cfg, tokenizer)
     evaluate, metric, higher = model_evaluator(cfg, model, tokenizer, data, device, autocast, collator)
 
-    def step(batch: dict[str, Any], progress: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def step(batch: dict[str, Any], progress: float, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         with autocast():
             loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
         return loss, {"loss": loss.item()}
 
-    objective = Objective(step, evaluate, metric, higher, model.save_pretrained)
-    state = fit(cfg, nn.ModuleDict({"model": model}), objective, data.train, tokenizer, run_dir, collator, "train")
+    objective = Objective(step, evaluate, [Member("model", model, model.save_pretrained, metric, higher)])
+    state = fit(cfg, objective, data.train, tokenizer, run_dir, collator, "train")
     record = {"command": "train", "config": to_record(cfg), "data": data_record(data), "device": str(device),
               "model": {"source": cfg.model or cfg.init, "parameters": sum(p.numel() for p in model.parameters())}}
-    return finish_run(output, run_dir, state, model, tokenizer, record, cfg.overwrite)
+    result = write_output(output, run_dir, state, "model", model, tokenizer, record, cfg.overwrite)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return result
 

@@ -1,0 +1,166 @@
+"""Progressive multi-stage distillation: a pipeline of named stages, each stating its teacher, data, objective and
+losses, each student starting from the previous stage's. By default a stage changes exactly ONE of teacher, data
+and objective (the scheme of progressive distillation); the validator refuses more unless the stage says
+`allow_multi_change: true`. Everything is checked before the first stage runs; stages resume individually
+(--resume skips finished stages and continues an interrupted one), and each stage's student and metrics are kept."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from kdship.artifacts import read_record, write_record
+from kdship.config import DataConfig, DistillConfig, PipelineConfig, StageConfig, to_record
+from kdship.errors import ConfigError, KdshipError
+
+STAGES = "stages"
+
+
+@dataclass
+class Stage:
+    spec: StageConfig
+    config: DistillConfig
+    changed: list[str]
+
+
+def _teacher(p: PipelineConfig, stage: StageConfig) -> str:
+    if stage.teacher in p.teachers:
+        return p.teachers[stage.teacher]
+    if Path(stage.teacher).exists() or "/" in stage.teacher:
+        return stage.teacher
+    raise ConfigError(f"stage {stage.name!r}: teacher {stage.teacher!r} is not defined; define it under teachers: "
+                      f"(defined: {', '.join(p.teachers) or 'none'}) or give a folder")
+
+
+def _data(p: PipelineConfig, stage: StageConfig) -> DataConfig:
+    if isinstance(stage.data, DataConfig):
+        return stage.data
+    if stage.data in p.datasets:
+        return p.datasets[stage.data]
+    raise ConfigError(f"stage {stage.name!r}: data {stage.data!r} is not defined; define it under datasets: "
+                      f"(defined: {', '.join(p.datasets) or 'none'})")
+
+
+def stage_folder(p: PipelineConfig, index: int, stage: StageConfig) -> Path:
+    return Path(p.output) / STAGES / f"{index + 1:02d}-{stage.name}"
+
+
+def _students_from(p: PipelineConfig, previous: Path | None) -> dict[str, Any]:
+    """The first stage starts from the pipeline's student(s); later ones from the previous stage's output."""
+    if previous is None:
+        return {"student": p.student, "students": p.students}
+    if p.students:
+        return {"students": {name: str(previous / name) for name in p.students}}
+    return {"student": str(previous)}
+
+
+def _element_signature(cfg: DistillConfig) -> dict[str, Any]:
+    """What progressive distillation varies: the teacher, the data, the objective (kind and losses)."""
+    return {"teacher": cfg.teacher, "data": (cfg.data.train, tuple(cfg.data.text_columns or ())),
+            "objective": (cfg.objective, tuple(sorted(loss.name for loss in cfg.losses)))}
+
+
+def resolve(p: PipelineConfig) -> list[Stage]:
+    """Every stage's DistillConfig, and which elements it changes; all errors before anything runs."""
+    if not p.output:
+        raise ConfigError("no output folder; pass -o DIR")
+    if not (p.student or p.students):
+        raise ConfigError("the pipeline needs a student (student: or students:, or --student/--students)")
+    names = [s.name for s in p.stages]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"stage names must be unique, got {names}")
+    stages: list[Stage] = []
+    previous_out: Path | None = None
+    for i, spec in enumerate(p.stages):
+        fields = {**p.common, **spec.settings, "teacher": _teacher(p, spec), "data": _data(p, spec),
+                  **_students_from(p, previous_out), "output": str(stage_folder(p, i, spec)), "seed": p.seed,
+                  "device": p.device, "precision": p.precision, "resume": p.resume}
+        try:
+            cfg = DistillConfig.model_validate({k: v for k, v in fields.items() if v is not None})
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'stage'}: {err['msg']}" for err in e.errors())
+            raise ConfigError(f"stage {spec.name!r}: {problems}") from None
+        changed = [] if not stages else [k for k, v in _element_signature(cfg).items()
+                                          if v != _element_signature(stages[-1].config)[k]]
+        if len(changed) > 1 and not spec.allow_multi_change:
+            raise ConfigError(f"stage {spec.name!r} changes {' and '.join(changed)} at once; a progressive stage "
+                              "changes one of teacher, data, objective: split it, or set allow_multi_change: true")
+        stages.append(Stage(spec, cfg, changed))
+        previous_out = Path(cfg.output)
+    return stages
+
+
+def preflight(stages: list[Stage]) -> None:
+    """Open each stage's teacher config and first data rows now, so a typo in stage 4 does not cost stages 1-3."""
+    from kdship.data import load_table
+    from kdship.distill import _teacher_config
+
+    for stage in stages:
+        cfg = stage.config
+        try:
+            _teacher_config(cfg)
+            label = cfg.data.label_column if cfg.objective == "classify" else None
+            load_table(cfg.data.train, cfg.data.text_columns, label, max_samples=2)
+        except KdshipError as e:
+            raise type(e)(f"stage {stage.spec.name!r}: {e}") from None
+
+
+def _prepare_output(p: PipelineConfig) -> None:
+    out = Path(p.output)
+    if out.exists() and p.overwrite and not p.resume:
+        shutil.rmtree(out)
+    elif out.exists() and not p.resume:
+        raise ConfigError(f"output {out} already exists; pass --resume to continue the pipeline or --overwrite")
+
+
+def run_pipeline(p: PipelineConfig) -> dict[str, Any]:
+    from kdship.distill import distill
+    from kdship.ui import console
+
+    stages = resolve(p)
+    preflight(stages)
+    _prepare_output(p)
+    out = console()
+    done = []
+    for i, stage in enumerate(stages):
+        folder = Path(stage.config.output)
+        changed = ", ".join(stage.changed) or "nothing (first stage)" if i == 0 else ", ".join(stage.changed) or "nothing"
+        if read_record(folder) is not None:  # finished before an interruption: keep it
+            out.print(f"stage {i + 1}/{len(stages)} {stage.spec.name}: already done, kept")
+            result = {"output": str(folder), **read_record(folder)}
+        else:
+            out.print(f"stage {i + 1}/{len(stages)} {stage.spec.name}: changes {changed}")
+            result = distill(stage.config)
+        done.append({"name": stage.spec.name, "output": str(folder), "changed": stage.changed,
+                     "teacher": stage.config.teacher, "data": stage.config.data.train,
+                     "objective": stage.config.objective, "losses": [s.name for s in stage.config.losses],
+                     "metrics": _stage_metrics(result, p)})
+    final = _publish_final(p, Path(stages[-1].config.output), done)
+    record = {"command": "distill-pipeline", "config": to_record(p), "stages": done, "final": final}
+    write_record(Path(p.output), record)
+    return {"output": p.output, **record}
+
+
+def _stage_metrics(result: dict[str, Any], p: PipelineConfig) -> dict[str, Any]:
+    if p.students:
+        return {name: (read_record(Path(result["output"]) / name) or {}).get("metrics", {}) for name in p.students}
+    return result.get("metrics", {})
+
+
+def _publish_final(p: PipelineConfig, last: Path, stages: list[dict[str, Any]]) -> dict[str, str]:
+    """The last stage's student(s), copied to OUT/student (or OUT/<name>) with the whole pipeline in kdship.json."""
+    names = list(p.students) if p.students else ["student"]
+    final = {}
+    for name in names:
+        source = last / name if p.students else last
+        target = Path(p.output) / name
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target)
+        record = read_record(target) or {}
+        write_record(target, {**record, "pipeline": {"stages": stages, "config": to_record(p)}})
+        final[name] = str(target)
+    return final
