@@ -92,6 +92,18 @@ def train(
     init: Annotated[Optional[str], typer.Option("--init", help="shape spec, e.g. bert:layers=12,hidden=768")] = None,
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="tokenizer folder or hub id")] = None,
     vocab_size: Annotated[Optional[int], typer.Option("--vocab-size", help="for a tokenizer trained on the data")] = None,
+    reverse_from: Annotated[Optional[str], typer.Option("--reverse-from", help="small trained model that teaches "
+                                                        "this one early on (reverse distillation)")] = None,
+    reverse_steps: Annotated[Optional[int], typer.Option("--reverse-steps", help="its weight decays to 0 over these "
+                                                         "steps")] = None,
+    reverse_schedule: Annotated[Optional[str], typer.Option("--reverse-schedule", help="linear | cosine | step")] = None,
+    reverse_temperature: Annotated[Optional[float], typer.Option("--reverse-temperature")] = None,
+    select_by: Annotated[Optional[str], typer.Option("--select-by", help="small model that scores samples "
+                                                     "(sample-value selection)")] = None,
+    select_ratio: Annotated[Optional[float], typer.Option("--select-ratio", help="fraction that gets the step")] = None,
+    select_mode: Annotated[Optional[str], typer.Option("--select-mode", help="topk | weighted")] = None,
+    select_refresh: Annotated[Optional[int], typer.Option("--select-refresh", help="re-score with the large model "
+                                                          "every K steps")] = None,
     data: Data = None, eval_data: EvalData = None, text_column: TextColumn = None, label_column: LabelColumn = None,
     max_length: MaxLength = None, max_train_samples: MaxTrain = None, max_eval_samples: MaxEval = None,
     objective: Objective = None, epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None,
@@ -105,6 +117,9 @@ def train(
 
     cfg = build_config(
         TrainConfig, recipe, model=model, init=init, tokenizer=tokenizer, vocab_size=vocab_size,
+        reverse_from=reverse_from, reverse_steps=reverse_steps, reverse_schedule=reverse_schedule,
+        reverse_temperature=reverse_temperature, select_by=select_by, select_ratio=select_ratio,
+        select_mode=select_mode, select_refresh=select_refresh,
         data=_data(data, eval_data, text_column, label_column, max_length, max_train_samples, max_eval_samples),
         objective=objective, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
         lr=lr, eval_every=eval_every, save_every=save_every, seed=seed, device=device, precision=precision,

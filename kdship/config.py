@@ -92,11 +92,23 @@ class TrainConfig(RunConfig):
     init: str | None = Field(None, description="shape spec, e.g. bert:layers=12,hidden=768,heads=12,ffn=3072")
     tokenizer: str | None = Field(None, description="tokenizer dir/hub id; default: the model's, or trained on the data")
     vocab_size: int = Field(8000, ge=100, description="size of a tokenizer trained on the data (with --init)")
+    reverse_from: str | None = Field(None, description="reverse distillation: a small trained model teaches early on")
+    reverse_steps: int | None = Field(None, ge=1, description="steps over which its weight decays to 0")
+    reverse_schedule: Literal["linear", "cosine", "step"] = "linear"
+    reverse_temperature: float = Field(2.0, gt=0)
+    reverse_start: float = Field(1.0, gt=0, le=1, description="weight of the small model's KD at step 0")
+    select_by: str | None = Field(None, description="sample-value selection: the small scoring model")
+    select_ratio: float = Field(0.5, gt=0, le=1, description="fraction of scored samples that get the step")
+    select_mode: Literal["topk", "weighted"] = "topk"
+    select_refresh: int = Field(1, ge=1, description="reuse a sample's large-model score for K steps (across "
+                                                     "epochs); 1 scores every candidate afresh")
 
     @model_validator(mode="after")
     def _one_source(self) -> "TrainConfig":
         if (self.model is None) == (self.init is None):
             raise ValueError("give exactly one of model (a path or hub id) or init (a shape spec)")
+        if (self.reverse_from is None) != (self.reverse_steps is None):
+            raise ValueError("reverse distillation needs both reverse_from (the small model) and reverse_steps")
         return self
 
 

@@ -17,8 +17,11 @@ from kdship.data import Encoded, TextTable, encode_labels, label_names_from_data
 from kdship.errors import ConfigError, ModelError
 from kdship.evaluate import classification_metrics, mlm_loss, predict_logits
 from kdship.loop import (LoopState, Member, Objective, autocast_for, best_dir, fit, pick_device,
-                         run_dir_for_output, seed_everything)
-from kdship.models import (build_model, config_from_spec, label_names_of, load_config, load_tokenizer,
+                         run_dir_for_output, seed_everything, total_steps_for)
+from kdship.losses import LossInputs, get_loss
+from kdship.techniques.reverse import reverse_alpha
+from kdship.techniques.selection import Selector, candidates_per_step, per_example_loss
+from kdship.models import (build_model, config_from_spec, is_mlm, label_names_of, load_config, load_tokenizer,
                            max_tokens)
 from kdship.tokenizer import train_wordpiece
 
@@ -153,6 +156,35 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         return _train(cfg, Path(cfg.output), run_dir)
 
 
+def _small_model(source: str, cfg: TrainConfig, tokenizer: Any, large: nn.Module, device: torch.device) -> nn.Module:
+    """The small model of reverse distillation or sample selection: same tokenizer, same outputs as the large one."""
+    from kdship.models import check_tokenizers_match
+
+    config = load_config(source, "small model")
+    check_tokenizers_match(tokenizer, load_tokenizer(source, "small model"), source)
+    large_labels = [str(large.config.id2label[i]) for i in range(large.config.num_labels)]
+    if cfg.objective == "classify" and label_names_of(config) != large_labels:
+        raise ModelError(f"small model {source} has labels {label_names_of(config)} but the model being trained has "
+                         f"{large_labels}; use a small model fine-tuned on the same labels")
+    if cfg.objective == "mlm" and (not is_mlm(config) or config.vocab_size != large.config.vocab_size):
+        raise ModelError(f"small model {source} needs a masked-LM head over the same {large.config.vocab_size}-token "
+                         "vocabulary; use a small model made with kdship train --objective mlm and this tokenizer")
+    small = build_model(cfg.objective, source=source).to(device).eval()
+    small.requires_grad_(False)
+    return small
+
+
+def _selector(cfg: TrainConfig, model: nn.Module, tokenizer: Any, data: RunData, device: torch.device,
+              autocast: Any) -> Selector:
+    small = _small_model(cfg.select_by, cfg, tokenizer, model, device)
+    small_losses = None
+    if cfg.objective == "classify":  # fixed inputs: the small model's losses are computed once
+        logits = predict_logits(small, tokenizer, data.train, cfg.eval_batch_size, device, autocast)
+        small_losses = per_example_loss(logits, torch.tensor(data.train.labels))
+    return Selector(small, model, cfg.select_ratio, cfg.select_mode, cfg.select_refresh, len(data.train.features),
+                    small_losses)
+
+
 def _train(cfg: TrainConfig, output: Path, run_dir: Path) -> dict[str, Any]:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
@@ -165,15 +197,47 @@ def _train(cfg: TrainConfig, output: Path, run_dir: Path) -> dict[str, Any]:
     collator = mlm_collator_for(cfg, tokenizer)
     evaluate, metric, higher = model_evaluator(cfg, model, tokenizer, data, device, autocast, collator)
 
+    loop_cfg = cfg.model_copy(update={"batch_size": candidates_per_step(cfg.batch_size, cfg.select_ratio)}) \
+        if cfg.select_by else cfg
+    total, _ = total_steps_for(loop_cfg, len(data.train.features))
+    if cfg.reverse_steps and cfg.reverse_steps > total:
+        raise ConfigError(f"reverse_steps {cfg.reverse_steps} is longer than the run ({total} steps); lower "
+                          "--reverse-steps or train longer")
+    reverse = _small_model(cfg.reverse_from, cfg, tokenizer, model, device) if cfg.reverse_from else None
+    selector = _selector(cfg, model, tokenizer, data, device, autocast) if cfg.select_by else None
+    kd = get_loss("kd")
+
     def step(batch: dict[str, Any], progress: float, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        step_no = round(progress * total)
+        weights = None
+        if selector is not None:
+            batch, weights = selector.choose(batch, indices, step_no)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
         with autocast():
-            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-        return loss, {"loss": loss.item()}
+            out = model(**batch)
+        task = out.loss if weights is None else (per_example_loss(out.logits, batch["labels"]) * weights).mean()
+        logs = {"loss": task.item()}
+        alpha = reverse_alpha(step_no, cfg.reverse_steps, cfg.reverse_schedule, cfg.reverse_start) if reverse else 0.0
+        if alpha > 0:  # the small model is asked only while it still has a say
+            with torch.no_grad(), autocast():
+                small_logits = reverse(**inputs).logits
+            distill = kd.fn(LossInputs(student_logits=out.logits, teacher_logits=small_logits,
+                                       labels=batch["labels"], temperature=cfg.reverse_temperature))
+            logs |= {"alpha": alpha, "reverse_kd": distill.item()}
+            return (1 - alpha) * task + alpha * distill, logs
+        return task, logs
 
     objective = Objective(step, evaluate, [Member("model", model, model.save_pretrained, metric, higher)])
-    state = fit(cfg, objective, data.train, tokenizer, run_dir, collator, "train")
+    state = fit(loop_cfg, objective, data.train, tokenizer, run_dir, collator, "train")
     record = {"command": "train", "config": to_record(cfg), "data": data_record(data), "device": str(device),
               "model": {"source": cfg.model or cfg.init, "parameters": sum(p.numel() for p in model.parameters())}}
+    if reverse is not None:
+        record["reverse"] = {"from": cfg.reverse_from, "steps": cfg.reverse_steps, "schedule": cfg.reverse_schedule,
+                             "temperature": cfg.reverse_temperature, "start": cfg.reverse_start}
+    if selector is not None:
+        record["selection"] = {"by": cfg.select_by, "candidates_per_step": loop_cfg.batch_size,
+                               **selector.summary()}
     result = write_output(output, run_dir, state, "model", model, tokenizer, record, cfg.overwrite)
     shutil.rmtree(run_dir, ignore_errors=True)
     return result

@@ -57,10 +57,15 @@ def test_every_shipped_recipe_is_valid(recipe, tmp_path):
     if "stages" in text:
         stages = resolve(build_config(PipelineConfig, recipe, output=str(tmp_path / "out")))
         assert all(len(s.changed) <= 1 or s.spec.allow_multi_change for s in stages)
-    elif "model" in text or "init" in text:
-        assert build_config(TrainConfig, recipe)
+    elif recipe.name in TRAIN_RECIPES:
+        assert build_config(TrainConfig, recipe, **TRAIN_RECIPES[recipe.name])
     else:
         assert build_config(DistillConfig, recipe).losses
+
+
+# kdship train recipes, with the flags their usage line gives on the command line
+TRAIN_RECIPES = {"reverse_warmup.yaml": {"init": "bert:layers=2", "reverse_from": "runs/small-mlm"},
+                 "sample_value.yaml": {"model": "runs/large-base", "select_by": "runs/small-sst2"}}
 
 
 def test_eval_config_requires_a_student():

@@ -1,0 +1,1 @@
+"""Techniques that compose around the training step: reverse distillation and sample-value selection."""

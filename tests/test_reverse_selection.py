@@ -1,0 +1,159 @@
+"""Reverse distillation and sample-value selection: schedules, exact selection, end-to-end runs with resume,
+and clear errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import TINY_TEACHER, kdship, kdship_ok
+from kdship.techniques.reverse import reverse_alpha
+from kdship.techniques.selection import Selector, per_example_loss, select_topk, value_weights
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("linear", [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]),
+    ("cosine", [1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0, 0.0]),
+    ("step", [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]),
+])
+def test_reverse_alpha_schedules(schedule, expected):
+    assert [reverse_alpha(s, 4, schedule) for s in range(6)] == pytest.approx(expected)
+    assert reverse_alpha(0, 4, schedule, start=0.5) == pytest.approx(0.5)
+
+
+def test_select_topk_picks_exactly_the_highest_values():
+    values = torch.tensor([0.1, 2.0, -1.0, 0.7, 3.5, 0.0])
+    assert select_topk(values, 0.5).tolist() == [4, 1, 3]
+    assert select_topk(values, 0.01).tolist() == [4]  # at least one
+    assert sorted(select_topk(values, 1.0).tolist()) == list(range(6))
+
+
+def test_value_weights_keep_the_mean_and_favour_high_values():
+    w = value_weights(torch.tensor([0.0, 1.0, 2.0]))
+    assert w.mean().item() == pytest.approx(1.0) and w[2] > w[1] > w[0]
+
+
+def test_per_example_loss_for_classification_and_mlm():
+    logits = torch.randn(3, 4)
+    labels = torch.tensor([0, 3, 1])
+    assert per_example_loss(logits, labels).tolist() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, labels, reduction="none").tolist())
+    mlm_logits = torch.randn(2, 5, 7)
+    mlm_labels = torch.full((2, 5), -100)
+    mlm_labels[0, 1], mlm_labels[1, 3] = 2, 6
+    expected = [torch.nn.functional.cross_entropy(mlm_logits[0, 1:2], mlm_labels[0, 1:2]).item(),
+                torch.nn.functional.cross_entropy(mlm_logits[1, 3:4], mlm_labels[1, 3:4]).item()]
+    assert per_example_loss(mlm_logits, mlm_labels).tolist() == pytest.approx(expected)
+
+
+def test_selector_trains_on_the_samples_the_small_model_knows_and_the_large_does_not():
+    class Fixed(torch.nn.Module):
+        """A 'model' whose logits are given per input id: the loss of each example is known exactly."""
+
+        def __init__(self, table):
+            super().__init__()
+            self.table = table
+
+        def forward(self, input_ids, **_):
+            return type("Out", (), {"logits": self.table[input_ids[:, 0]]})()
+
+    labels = torch.tensor([0, 0, 0, 0])
+    confident, unsure = torch.tensor([5.0, -5.0]), torch.tensor([0.0, 0.0])
+    large = Fixed(torch.stack([unsure, unsure, confident, confident]))  # large unsure about examples 0 and 1
+    small = Fixed(torch.stack([confident, unsure, confident, unsure]))  # small knows 0 and 2
+    batch = {"input_ids": torch.tensor([[0], [1], [2], [3]]), "labels": labels}
+    selector = Selector(small, large, ratio=0.25, mode="topk", refresh=1, n_examples=4, small_losses=None)
+    chosen, weights = selector.choose(batch, [0, 1, 2, 3], step=0)
+    assert weights is None and chosen["input_ids"][:, 0].tolist() == [0]  # large wrong, small right: most valuable
+    assert selector.summary()["selected"] == 1 and selector.summary()["candidates"] == 4
+
+
+@pytest.fixture(scope="module")
+def small_model(data_dir, teacher_dir, tmp_path_factory):
+    """A 1-layer classifier with the tiny teacher's tokenizer and labels (the 'small' model)."""
+    out = tmp_path_factory.mktemp("small") / "small"
+    kdship_ok("distill", "--teacher", teacher_dir, "--student", "bert:layers=1", "--data", data_dir / "train.tsv",
+              "--max-steps", 20, "--batch-size", 16, "--lr", "1e-3", "-o", out)
+    return out
+
+
+def _large_args(data_dir, teacher_dir, out, *extra):
+    return ["train", "--init", "bert:layers=2,hidden=48,heads=2,ffn=96,max_len=64", "--tokenizer", str(teacher_dir),
+            "--data", str(data_dir / "train.tsv"), "--eval-data", str(data_dir / "dev.tsv"), "--batch-size", "8",
+            "--max-steps", "12", "--save-every", "4", "-o", str(out), *extra]
+
+
+def test_reverse_distillation_end_to_end_with_resume(data_dir, teacher_dir, small_model, tmp_path):
+    extra = ["--reverse-from", str(small_model), "--reverse-steps", "6", "--reverse-schedule", "cosine"]
+    kdship_ok(*_large_args(data_dir, teacher_dir, tmp_path / "large", *extra))
+    record = json.loads((tmp_path / "large" / "kdship.json").read_text())
+    assert record["reverse"] == {"from": str(small_model), "steps": 6, "schedule": "cosine", "temperature": 2.0,
+                                 "start": 1.0}
+    assert record["training"]["steps"] == 12 and "accuracy" in record["metrics"]
+    # resume: a run stopped at a checkpoint (step 8) reaches the same weights as the straight one
+    stopped = _large_args(data_dir, teacher_dir, tmp_path / "resumed", *extra)
+    stopped[stopped.index("--max-steps") + 1] = "12"
+    _interrupt_after_checkpoint(stopped, tmp_path / ".resumed.kdship-run" / "checkpoint.pt")
+    kdship_ok(*stopped, "--resume")
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("large", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _interrupt_after_checkpoint(args, checkpoint):
+    """Run the CLI in-process and stop it (KeyboardInterrupt) right after its first checkpoint is written."""
+    import kdship.loop as loop
+
+    original = loop.Checkpointer.save
+
+    def save_then_stop(self, *a, **k):
+        original(self, *a, **k)
+        raise KeyboardInterrupt
+
+    loop.Checkpointer.save = save_then_stop
+    try:
+        result = kdship(*args)
+    finally:
+        loop.Checkpointer.save = original
+    assert result.exit_code == 130 and checkpoint.exists()
+
+
+def test_sample_value_selection_end_to_end(data_dir, teacher_dir, small_model, tmp_path):
+    extra = ["--select-by", str(small_model), "--select-ratio", "0.5", "--select-mode", "topk"]
+    kdship_ok(*_large_args(data_dir, teacher_dir, tmp_path / "selected", *extra))
+    selection = json.loads((tmp_path / "selected" / "kdship.json").read_text())["selection"]
+    assert selection["candidates_per_step"] == 16 and selection["candidates"] == 12 * 16
+    assert selection["selected"] == 12 * 8
+    assert selection["mean_value_selected"] > selection["mean_value_rejected"]
+    args = _large_args(data_dir, teacher_dir, tmp_path / "weighted", "--select-by", str(small_model),
+                       "--select-mode", "weighted", "--select-refresh", "100")
+    args[args.index("--max-steps") + 1] = "40"  # 25 steps an epoch: the second epoch reuses the first's scores
+    kdship_ok(*args)
+    weighted = json.loads((tmp_path / "weighted" / "kdship.json").read_text())["selection"]
+    assert weighted["selected"] == weighted["candidates"] == 40 * 16
+    assert weighted["large_scoring_rows"] == 400  # every example scored once, then reused within 100 steps
+
+
+def test_reverse_and_selection_bad_inputs(data_dir, teacher_dir, small_model, tmp_path):
+    other = tmp_path / "other-vocab"
+    corpus = tmp_path / "other.tsv"
+    corpus.write_text("sentence\tlabel\n" + "".join(f"zebra{i} quokka{i}\t{i % 2}\n" for i in range(40)))
+    kdship_ok("train", "--init", "bert:layers=1,hidden=32,heads=2", "--data", corpus, "--max-steps", 1, "-o", other)
+    out = tmp_path / "large"
+    for extra, message in [
+        (["--reverse-from", str(other), "--reverse-steps", "2"], "different tokenizer"),
+        (["--select-by", str(small_model), "--select-ratio", "1.5"], "select_ratio: Input should be less than or "
+                                                                     "equal to 1"),
+        (["--select-by", str(small_model), "--select-ratio", "0"], "select_ratio: Input should be greater than 0"),
+        (["--reverse-from", str(small_model), "--reverse-steps", "50"], "reverse_steps 50 is longer than the run"),
+        (["--select-by", str(tmp_path / "missing")], "not found"),
+        (["--reverse-steps", "3"], "needs both reverse_from"),
+    ]:
+        result = kdship(*_large_args(data_dir, teacher_dir, out, *extra))
+        assert result.exit_code == 2, result.output
+        assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+        assert not out.exists()
