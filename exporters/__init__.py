@@ -28,7 +28,6 @@ class ExportContext:
 
     model: Any
     tokenizer: Any
-    student_dir: Path
     out_dir: Path
     config: Any  # kdship.config.ExportConfig
     calibration: list[dict[str, Any]] = field(default_factory=list)  # numpy feeds from real samples

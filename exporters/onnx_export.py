@@ -9,11 +9,8 @@ from pathlib import Path
 
 import torch
 
-from kdship.errors import CheckFailed, ConfigError
+from kdship.errors import CheckFailed
 from kdship.exporters import ExportContext, Tolerance, register_exporter
-
-MIN_OPSET = 18  # the dynamo exporter's oldest supported opset
-
 
 class LogitsOnly(torch.nn.Module):
     """The classifier with named tensor inputs and one output, `logits`."""
@@ -49,7 +46,7 @@ def _name_dynamic_axes(path: Path) -> None:
 
     model = onnx.load(str(path))
     first = next(v for v in model.graph.input if v.name == "input_ids").type.tensor_type.shape.dim
-    names = {first[0].dim_param: "batch", first[1].dim_param: "sequence"}
+    names = {d.dim_param: n for d, n in zip(first, ("batch", "sequence")) if d.dim_param}  # a fixed dim stays fixed
     for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in names:
@@ -87,8 +84,6 @@ def exported_program(ctx: ExportContext, device: str = "cpu") -> tuple[torch.exp
 @register_exporter("onnx", "model.onnx", "fp32", Tolerance(max_abs=1e-4, min_agreement=1.0))
 def export_onnx(ctx: ExportContext) -> Path:
     """ONNX (fp32) via torch.onnx dynamo export, dynamic batch and sequence axes."""
-    if ctx.config.opset < MIN_OPSET:
-        raise ConfigError(f"opset {ctx.config.opset} is too old; use --opset {MIN_OPSET} or newer")
     program, names = exported_program(ctx)
     path = ctx.out_dir / "model.onnx"
     onnx_program = torch.onnx.export(program, dynamo=True, opset_version=ctx.config.opset, input_names=names,

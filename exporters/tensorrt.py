@@ -78,12 +78,17 @@ def _network(trt: Any, builder: Any, logger: Any, onnx_path: Path) -> tuple[Any,
     return network, parser
 
 
-def _profile(builder: Any, network: Any, cfg: Any, max_position: int) -> Any:
-    profile = builder.create_optimization_profile()
+def profile_shapes(cfg: Any, max_position: int) -> dict[str, list[int]]:
+    """min / opt / max (batch, sequence) of the engine's one optimisation profile."""
     max_seq = min(cfg.trt_max_seq, max_position)
+    opt = [min(cfg.trt_opt_batch, cfg.trt_max_batch), min(cfg.trt_opt_seq, max_seq)]
+    return {"min": [1, 1], "opt": opt, "max": [cfg.trt_max_batch, max_seq]}
+
+
+def _profile(builder: Any, network: Any, shapes: dict[str, list[int]]) -> Any:
+    profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
-        name = network.get_input(i).name
-        profile.set_shape(name, (1, 1), (cfg.trt_opt_batch, min(cfg.trt_opt_seq, max_seq)), (cfg.trt_max_batch, max_seq))
+        profile.set_shape(network.get_input(i).name, tuple(shapes["min"]), tuple(shapes["opt"]), tuple(shapes["max"]))
     return profile
 
 
@@ -98,7 +103,8 @@ def export_tensorrt(ctx: ExportContext) -> Path:
     try:
         network, _parser = _network(trt, builder, logger, onnx_path)
         config = builder.create_builder_config()
-        config.add_optimization_profile(_profile(builder, network, ctx.config, ctx.model.config.max_position_embeddings))
+        shapes = profile_shapes(ctx.config, ctx.model.config.max_position_embeddings)
+        config.add_optimization_profile(_profile(builder, network, shapes))
         identity = gpu_identity(trt)
         cache_path = CACHE_DIR / f"{identity['gpu'].replace(' ', '_')}-{trt.__name__}-{trt.__version__}.cache"
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
@@ -107,14 +113,14 @@ def export_tensorrt(ctx: ExportContext) -> Path:
         if plan is None:
             raise ConfigError("TensorRT failed to build the engine (see its log above)")
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+        tmp = cache_path.with_suffix(".tmp")
+        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+        tmp.replace(cache_path)  # a torn cache would fail the next build (ignore_mismatch=False)
     finally:
         onnx_path.unlink(missing_ok=True)
     path = ctx.out_dir / "model.plan"
     path.write_bytes(bytes(plan))
-    meta = {**identity, "profile": {"min": [1, 1], "opt": [ctx.config.trt_opt_batch, ctx.config.trt_opt_seq],
-                                    "max": [ctx.config.trt_max_batch, ctx.config.trt_max_seq]},
-            "timing_cache": str(cache_path)}
+    meta = {**identity, "profile": shapes, "timing_cache": str(cache_path)}
     (ctx.out_dir / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
     ctx.details["tensorrt"] = meta
     return path
@@ -142,7 +148,8 @@ def check_engine_matches(path: Path) -> tuple[Any, dict[str, Any]]:
 def tensorrt_runner(path: Path) -> Runner:
     import torch
 
-    trt, _ = check_engine_matches(path)
+    trt, built = check_engine_matches(path)
+    limits = built.get("profile", {}).get("max")
     logger = trt.Logger(trt.Logger.WARNING)
     engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
     if engine is None:
@@ -151,17 +158,25 @@ def tensorrt_runner(path: Path) -> Runner:
     stream = torch.cuda.Stream()
 
     def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
-        inputs = {n: torch.from_numpy(v).cuda() for n, v in feeds.items()}
-        for name, tensor in inputs.items():
-            tensor = tensor.to(torch.int32) if engine.get_tensor_dtype(name) == trt.DataType.INT32 else tensor
-            inputs[name] = tensor.contiguous()
-            context.set_input_shape(name, tuple(tensor.shape))
-            context.set_tensor_address(name, tensor.data_ptr())
-        batch = next(iter(inputs.values())).shape[0]
-        logits = torch.empty((batch, *tuple(context.get_tensor_shape("logits"))[1:]), dtype=torch.float32,
-                             device="cuda")
-        context.set_tensor_address("logits", logits.data_ptr())
-        context.execute_async_v3(stream.cuda_stream)
+        shape = next(iter(feeds.values())).shape
+        if limits and (shape[0] > limits[0] or shape[1] > limits[1]):
+            raise ConfigError(f"batch {shape[0]} x sequence {shape[1]} is outside the engine's profile (max "
+                              f"{limits[0]} x {limits[1]}); re-export with larger trt_max_batch / trt_max_seq")
+        with torch.cuda.stream(stream):  # inputs, casts and the engine on one stream: no race between them
+            inputs = {}
+            for name, value in feeds.items():
+                tensor = torch.from_numpy(value).cuda()
+                if engine.get_tensor_dtype(name) == trt.DataType.INT32:
+                    tensor = tensor.to(torch.int32)
+                inputs[name] = tensor.contiguous()
+                if not context.set_input_shape(name, tuple(tensor.shape)):
+                    raise ConfigError(f"TensorRT refused input {name} of shape {tuple(tensor.shape)}")
+                context.set_tensor_address(name, inputs[name].data_ptr())
+            logits = torch.empty((shape[0], *tuple(context.get_tensor_shape("logits"))[1:]), dtype=torch.float32,
+                                 device="cuda")
+            context.set_tensor_address("logits", logits.data_ptr())
+            if not context.execute_async_v3(stream.cuda_stream):
+                raise ConfigError("TensorRT failed to run the engine (see its log above)")
         stream.synchronize()
         return logits.cpu().numpy()
 

@@ -54,14 +54,18 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "min_ms": float(ms.min())}
 
 
-def _sync() -> None:
+def _no_sync() -> None:
+    return None
+
+
+def sync_for(backend: str):
+    """What makes a timed call complete: device synchronisation for GPU backends, nothing on the CPU."""
     import torch
 
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    return torch.cuda.synchronize if backend != "ort-cpu" and torch.cuda.is_available() else _no_sync
 
 
-def measure(run: Any, feeds: dict[str, np.ndarray], cfg: BenchConfig) -> dict[str, Any]:
+def measure(run: Any, feeds: dict[str, np.ndarray], cfg: BenchConfig, _sync=_no_sync) -> dict[str, Any]:
     """Warm up, then time runs in rounds of min_runs until the p50 settles or the time bound is reached."""
     started = time.perf_counter()
     warm = 0
@@ -138,10 +142,17 @@ def _model_folder_for_torch(folder: Path) -> Path:
     return folder
 
 
-def resolve(folder: Path, backend_name: str) -> Path:
+def resolve(folder: Path, backend_name: str, seqs: list[int]) -> Path:
     """The file (or model folder) a backend runs for this model; checked for every pair before measuring."""
+    from transformers import AutoConfig
+
+    from kdship.models import max_tokens
+
     backend = get_backend(backend_name)
     source = _model_folder_for_torch(folder) if not backend.variants else folder
+    longest = max_tokens(max(seqs), AutoConfig.from_pretrained(folder))
+    if longest < max(seqs):
+        raise ConfigError(f"--seq {max(seqs)} is longer than {folder.name} takes ({longest} tokens); lower --seq")
     return model_file(source, backend, None)
 
 
@@ -155,18 +166,26 @@ def bench_model(folder: Path, backend_name: str, path: Path, cfg: BenchConfig) -
     config = AutoConfig.from_pretrained(folder)
     names = input_names_for(load_tokenizer(str(folder), "model"), config)
     inputs = Inputs(folder, names, config.vocab_size, cfg.inputs)
+    _reset_gpu_peak()
     before = rss_mb()
     run = backend.load(path, cfg.threads)
+    sync = sync_for(backend_name)
     rows = []
     for seq in cfg.seq:
-        if seq > config.max_position_embeddings:
-            raise ConfigError(f"--seq {seq} is longer than {folder.name} supports ({config.max_position_embeddings})")
         for batch in cfg.batch:
-            result = measure(run, inputs.feeds(batch, seq), cfg)
+            result = measure(run, inputs.feeds(batch, seq), cfg, sync)
             rows.append({"model": folder.name, "path": str(folder), "backend": backend_name, "file": path.name,
-                         "batch": batch, "seq": seq, **result, "rss_mb": rss_mb(),
-                         "rss_model_mb": rss_mb() - before, "gpu_allocated_mb": _gpu_allocated_mb()})
+                         "batch": batch, "seq": seq, "inputs": "real" if inputs.real is not None else "random",
+                         **result, "rss_mb": rss_mb(), "rss_model_mb": rss_mb() - before,
+                         "gpu_allocated_mb": _gpu_allocated_mb()})
     return rows
+
+
+def _reset_gpu_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _gpu_allocated_mb() -> float | None:
@@ -211,11 +230,15 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
     for folder in folders:
         if not folder.is_dir():
             raise ModelError(f"{folder} not found; bench an artifact (kdship export) or a model folder")
+    names = [f.name for f in folders]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two models are named alike ({', '.join(names)}); results are keyed by folder name, so "
+                          "give folders with distinct names")
     if cfg.output:
         from kdship.artifacts import check_output_dir
 
         check_output_dir(Path(cfg.output), cfg.overwrite)
-    plan = [(folder, backend, resolve(folder, backend)) for folder in folders for backend in cfg.backends]
+    plan = [(folder, backend, resolve(folder, backend, cfg.seq)) for folder in folders for backend in cfg.backends]
     rows = [row for folder, backend, path in plan for row in bench_model(folder, backend, path, cfg)]
     add_speedups(rows, folders[0].name)
     result = {"kind": "kdship-bench/1", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

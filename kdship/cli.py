@@ -6,7 +6,6 @@ printed as one line on stderr with a non-zero exit code, never as a traceback.""
 from __future__ import annotations
 
 import functools
-import sys
 from typing import Annotated, Any, Callable, Optional
 
 import typer
@@ -31,10 +30,14 @@ def command(fn: Callable | None = None, *, name: str | None = None, on: typer.Ty
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted; rerun with --resume to continue from the last checkpoint", err=True)
+            hint = "; rerun with --resume to continue from the last checkpoint" if fn.__name__ in RESUMABLE else ""
+            typer.echo(f"interrupted{hint}", err=True)
             raise typer.Exit(130) from None
 
     return on.command(name=name)(run)
+
+
+RESUMABLE = ("train", "distill")
 
 
 def _quiet_libraries() -> None:
@@ -102,8 +105,8 @@ def train(
                                                      "(sample-value selection)")] = None,
     select_ratio: Annotated[Optional[float], typer.Option("--select-ratio", help="fraction that gets the step")] = None,
     select_mode: Annotated[Optional[str], typer.Option("--select-mode", help="topk | weighted")] = None,
-    select_refresh: Annotated[Optional[int], typer.Option("--select-refresh", help="re-score with the large model "
-                                                          "every K steps")] = None,
+    select_refresh: Annotated[Optional[int], typer.Option("--select-refresh", help="reuse a sample's large-model "
+                                                          "score for K steps")] = None,
     data: Data = None, eval_data: EvalData = None, text_column: TextColumn = None, label_column: LabelColumn = None,
     max_length: MaxLength = None, max_train_samples: MaxTrain = None, max_eval_samples: MaxEval = None,
     objective: Objective = None, epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None,
@@ -144,12 +147,6 @@ def _losses(specs: list[str] | None) -> list[dict[str, Any]] | None:
     return losses
 
 
-def raise_usage(message: str) -> None:
-    from kdship.errors import ConfigError
-
-    raise ConfigError(message)
-
-
 def _split_students(value: str | None) -> list[str] | None:
     """Split on commas that separate students, not on the commas inside a shape spec (bert:layers=2,hidden=64)."""
     if not value:
@@ -188,8 +185,15 @@ def distill(
     if recipe and "stages" in read_recipe(recipe):
         from kdship.pipeline import run_pipeline
 
-        if teacher or data or eval_data or loss or objective:
-            raise_usage("with a pipeline recipe, teachers, data, objectives and losses are set per stage in the recipe")
+        per_stage = dict(teacher=teacher, data=data, eval_data=eval_data, loss=loss, objective=objective,
+                         text_column=text_column, label_column=label_column, max_length=max_length,
+                         max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, layer_map=layer_map)
+        given = [f"--{k.replace('_', '-')}" for k, v in per_stage.items() if v]
+        if given:
+            from kdship.errors import ConfigError
+
+            raise ConfigError(f"with a pipeline recipe, {', '.join(given)} belong in the recipe (per stage, or its "
+                              "datasets); the command line sets students, output and training settings")
         common = {k: v for k, v in dict(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
                                         grad_accum=grad_accum, eval_every=eval_every, save_every=save_every,
                                         temperature=temperature, teacher_cache=teacher_cache).items()
@@ -236,8 +240,8 @@ def evaluate(
 @command
 def export(
     student: Annotated[str, typer.Argument(help="student folder (kdship train/distill output)")],
-    to: Annotated[Optional[list[str]], typer.Option("--to", help="onnx|ort-opt|fp16|int8|int8-static; repeat or "
-                                                                  "comma-separate")] = None,
+    to: Annotated[Optional[list[str]], typer.Option("--to", help="onnx|ort-opt|fp16|int8|int8-static|aoti|tensorrt; "
+                                                                  "repeat or comma-separate")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="artifact folder")] = None,
     opset: Annotated[Optional[int], typer.Option("--opset")] = None,
     eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="parity data (default: the student's)")] = None,
@@ -285,7 +289,12 @@ def serve(
 
 
 def _ints(value: str | None) -> list[int] | None:
-    return [int(v) for v in value.split(",") if v.strip()] if value else None
+    from kdship.errors import ConfigError
+
+    try:
+        return [int(v) for v in value.split(",") if v.strip()] if value else None
+    except ValueError:
+        raise ConfigError(f"{value!r} is not a comma-separated list of integers, e.g. 1,8,64") from None
 
 
 @command

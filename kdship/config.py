@@ -260,7 +260,7 @@ class ExportConfig(Strict):
     student: str
     to: list[str] = Field(default_factory=lambda: ["onnx"], min_length=1)
     output: str | None = None
-    opset: int = Field(18, ge=7, le=30)
+    opset: int = Field(18, ge=18, le=30, description="the dynamo exporter needs 18 or newer")
     eval_data: str | None = Field(None, description="parity/accuracy data; default: the student's eval data")
     eval_samples: int = Field(512, ge=8, description="eval rows used for agreement and accuracy per variant")
     calib_data: str | None = Field(None, description="int8-static calibration data; default: the student's train data")

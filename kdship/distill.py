@@ -20,7 +20,7 @@ from kdship.losses import LossInputs, WeightedLoss, get_loss
 from kdship.models import (build_model, check_tokenizers_match, check_vocab_compatible, config_from_spec,
                            expand_shorthand, init_from_teacher, is_mlm, is_shape_spec, label_names_of, load_config, load_tokenizer,
                            max_tokens, uniform_layer_map)
-from kdship.artifacts import read_record, sha256_file, write_record
+from kdship.artifacts import read_record, sha256_file, staged_dir, write_record
 from kdship.train import data_record, load_run_data, mlm_collator_for, model_evaluator, write_output
 
 
@@ -124,6 +124,8 @@ def teacher_identity(source: str) -> dict[str, Any]:
 def distill(cfg: DistillConfig) -> dict[str, Any]:
     if not cfg.output:
         raise ConfigError("no output folder; pass --output DIR")
+    if not cfg.data.train:
+        raise ConfigError("no training data; pass --data FILE (or data.train in the recipe)")
     tconfig = _teacher_config(cfg)
     with run_dir_for_output(Path(cfg.output), cfg) as run_dir:
         return _distill(cfg, tconfig, Path(cfg.output), run_dir)
@@ -138,7 +140,7 @@ class Trainee:
     projections: nn.ModuleList
     prefix: str  # "" for a single student, "name/" for several (log and metric keys)
     forward_seconds: float = 0.0
-    losses: list[float] = field(default_factory=list)  # per step, for the first/last loss in kdship.json
+    losses: list[float] = field(default_factory=list)  # per micro-batch, for the first/last loss in kdship.json
 
     def loss_summary(self, window: int = 5) -> dict[str, float]:
         """Mean loss over the first and the last few steps: did this student learn?"""
@@ -199,15 +201,18 @@ def _distill(cfg: DistillConfig, tconfig: Any, output: Path, run_dir: Path) -> d
                     if data.eval is not None and cfg.objective == "classify" else None)
     evaluators = {t.name: model_evaluator(cfg, t.pair.student, tokenizer, data, device, autocast, collator)
                   for t in trainees}
+    eval_labels = torch.tensor(data.eval.labels) if teacher_eval is not None else None
     counters = {"teacher_forward_calls": 0}
 
     def evaluate() -> dict[str, float]:
         metrics = {}
         for t in trainees:
-            student_metrics = evaluators[t.name][0]()
-            if teacher_eval is not None:
+            if teacher_eval is not None:  # one pass over the eval set gives accuracy and agreement
                 logits = predict_logits(t.pair.student, tokenizer, data.eval, cfg.eval_batch_size, device, autocast)
-                student_metrics["agreement"] = logits.argmax(-1).eq(teacher_eval.argmax(-1)).float().mean().item()
+                student_metrics = {"accuracy": logits.argmax(-1).eq(eval_labels).float().mean().item(),
+                                   "agreement": logits.argmax(-1).eq(teacher_eval.argmax(-1)).float().mean().item()}
+            else:
+                student_metrics = evaluators[t.name][0]()
             metrics |= {f"{t.prefix}{k}": v for k, v in student_metrics.items()}
         return metrics
 
@@ -242,28 +247,30 @@ def _distill(cfg: DistillConfig, tconfig: Any, output: Path, run_dir: Path) -> d
     label = "distill" + (f" x{len(trainees)} students" if multi else "") + (" (teacher cached)" if cached is not None
                                                                             else "")
     state = fit(cfg, Objective(step, evaluate if has_eval else None, members), data.train, tokenizer, run_dir,
-                collator, label)
+                collator, label, data_record(data))
     teacher_record = teacher_identity(cfg.teacher) | {"parameters": sum(p.numel() for p in teacher.parameters())}
-    results = {}
-    for t in trainees:
-        params = sum(p.numel() for p in t.pair.student.parameters()) + sum(p.numel() for p in t.projections.parameters())
-        record = {"command": "distill", "config": to_record(cfg), "data": data_record(data), "device": str(device),
-                  "teacher": teacher_record,
-                  "student": {"name": t.name, "source": sources[t.name], "parameters": sum(
-                      p.numel() for p in t.pair.student.parameters()), "layer_map": t.pair.layer_map,
-                              "tensors_copied_from_teacher": t.pair.copied_from_teacher},
-                  "training": {"teacher_cache": cached is not None, **counters, **t.loss_summary(),
-                               "student_forward_seconds": round(t.forward_seconds, 3),
-                               "students_in_pass": len(trainees),
-                               # weights, gradients and AdamW's two moments, fp32
-                               "training_state_mb": round(params * 4 * 4 / 2**20, 2)}}
-        target = output / t.name if multi else output
-        results[t.name] = write_output(target, run_dir, state, t.name, t.pair.student, tokenizer, record,
-                                       cfg.overwrite, t.prefix)
-    shutil.rmtree(run_dir, ignore_errors=True)
+
+    def record_for(t: Trainee) -> dict[str, Any]:
+        student_params = sum(p.numel() for p in t.pair.student.parameters())
+        params = student_params + sum(p.numel() for p in t.projections.parameters())
+        return {"command": "distill", "config": to_record(cfg), "data": data_record(data), "device": str(device),
+                "teacher": teacher_record,
+                "student": {"name": t.name, "source": sources[t.name], "parameters": student_params,
+                            "layer_map": t.pair.layer_map, "tensors_copied_from_teacher": t.pair.copied_from_teacher},
+                "training": {"teacher_cache": cached is not None, **counters, **t.loss_summary(),
+                             "student_forward_seconds": round(t.forward_seconds, 3), "students_in_pass": len(trainees),
+                             # weights, gradients and AdamW's two moments, fp32
+                             "training_state_mb": round(params * 4 * 4 / 2**20, 2)}}
+
     if not multi:
-        return results["student"]
-    summary = {"command": "distill-students", "config": to_record(cfg),
-               "students": {n: r["output"] for n, r in results.items()}}
-    write_record(output, summary)
+        result = write_output(output, run_dir, state, "student", trainees[0].pair.student, tokenizer,
+                              record_for(trainees[0]), cfg.overwrite)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return result
+    with staged_dir(output, cfg.overwrite) as tmp:  # every student appears at once, or none does
+        results = {t.name: write_output(tmp / t.name, run_dir, state, t.name, t.pair.student, tokenizer, record_for(t),
+                                        False, t.prefix) for t in trainees}
+        write_record(tmp, {"command": "distill-students", "config": to_record(cfg),
+                           "students": {t.name: str(output / t.name) for t in trainees}})
+    shutil.rmtree(run_dir, ignore_errors=True)
     return {"output": str(output), "students": results, "metrics": {}}

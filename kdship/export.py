@@ -44,10 +44,11 @@ def _eval_set(cfg: ExportConfig, record: dict[str, Any], model: Any) -> tuple[li
     from kdship.models import label_names_of
 
     source = _data_source(cfg.eval_data, record, "eval", "train")
+    columns = cfg.text_columns or record.get("config", {}).get("data", {}).get("text_columns")
     try:
-        table = load_table(source, cfg.text_columns, cfg.label_column, cfg.eval_samples)
+        table = load_table(source, columns, cfg.label_column, cfg.eval_samples)
     except DataError:  # unlabeled text: parity and agreement only; a missing file raises again just below
-        return load_table(source, cfg.text_columns, None, cfg.eval_samples).texts, None
+        return load_table(source, columns, None, cfg.eval_samples).texts, None
     return table.texts, np.array(encode_labels(table.raw_labels, label_names_of(model.config), table.source))
 
 
@@ -78,8 +79,6 @@ def _manifest(cfg: ExportConfig, out: Path, order: list, ctx: Any, parity: dict[
 
 
 def export(cfg: ExportConfig) -> dict[str, Any]:
-    import torch
-
     from kdship.exporters import ExportContext, build_order
     from kdship.exporters.onnx_export import input_names_for
     from kdship.exporters.parity import batched, check_variant, parity_cases, print_parity, torch_logits
@@ -96,12 +95,11 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     texts, labels = _eval_set(cfg, record, model)
     cases = parity_cases(tokenizer, texts, names, max_length, model.config.vocab_size)
     eval_batches = batched(tokenizer, texts, names, max_length)
-    with torch.no_grad():
-        reference = {name: torch_logits(model, feeds) for name, feeds in cases.items()}
-        reference_eval = np.concatenate([torch_logits(model, feeds) for feeds in eval_batches])
+    reference = {name: torch_logits(model, feeds) for name, feeds in cases.items()}
+    reference_eval = np.concatenate([torch_logits(model, feeds) for feeds in eval_batches])
     parity: dict[str, Any] = {}
     with staged_dir(Path(cfg.output), cfg.overwrite) as out:
-        ctx = ExportContext(model, tokenizer, Path(cfg.student), out, cfg)
+        ctx = ExportContext(model, tokenizer, out, cfg)
         if any(e.name == "int8-static" for e in order):
             calib = load_table(_data_source(cfg.calib_data, record, "train", "eval"), cfg.text_columns, None,
                                cfg.calib_samples).texts

@@ -57,7 +57,10 @@ def _export_checks(budgets: Budgets, runs: Runs) -> list[Check]:
             if budgets.max_accuracy_drop is not None and drop is not None:
                 checks.append(Check.of(f"{Path(folder).name} {name} accuracy drop", drop, "<=", budgets.max_accuracy_drop))
             if budgets.max_model_mb is not None:
-                size = (Path(folder) / variant["file"]).stat().st_size / 2**20
+                file = Path(folder) / variant["file"]
+                if not file.exists():
+                    raise ConfigError(f"{file} is listed in the manifest but missing; re-export the artifact")
+                size = file.stat().st_size / 2**20
                 checks.append(Check.of(f"{Path(folder).name} {variant['file']} size MB", size, "<=", budgets.max_model_mb))
     return checks
 
@@ -108,7 +111,10 @@ def _baseline_checks(cfg: GateConfig, budgets: Budgets, facts: dict[str, float])
     path = Path(cfg.baseline)
     if not path.is_file():
         raise ConfigError(f"baseline {path} not found; create it with --update-baseline")
-    base = read_json(path)["facts"]
+    try:
+        base = read_json(path)["facts"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"baseline {path} is not a kdship baseline (no facts); rewrite it with --update-baseline") from None
     checks = []
     tol = budgets.baseline_tolerance
     for key, value in facts.items():
@@ -128,7 +134,7 @@ def junit_xml(checks: list[Check]) -> str:
         case = ET.SubElement(suite, "testcase", classname="kdship.gate", name=c.name)
         if not c.passed:
             ET.SubElement(case, "failure", message=f"measured {c.measured:.6g}, limit {c.op} {c.limit:.6g}")
-    return ET.tostring(ET.ElementTree(suite).getroot(), encoding="unicode", xml_declaration=True) + "\n"
+    return ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"
 
 
 def gate(cfg: GateConfig) -> dict[str, Any]:

@@ -118,9 +118,10 @@ def total_steps_for(cfg: RunConfig, n_examples: int) -> tuple[int, int]:
 class Checkpointer:
     """One file, written atomically, holding everything a resumed run needs to continue exactly."""
 
-    def __init__(self, run_dir: Path, cfg: RunConfig):
+    def __init__(self, run_dir: Path, cfg: RunConfig, data_identity: Any = None):
         self.path = run_dir / CHECKPOINT
         self.fingerprint = {k: v for k, v in to_record(cfg).items() if k not in START_FLAGS}
+        self.fingerprint["data_identity"] = data_identity  # a changed data file must not resume old positions
 
     def save(self, trainable: nn.Module, optimizer: Any, scheduler: Any, state: LoopState) -> None:
         payload = {"config": self.fingerprint, "model": trainable.state_dict(), "optimizer": optimizer.state_dict(),
@@ -178,8 +179,8 @@ def prepare_run_dir(output: Path, cfg: RunConfig) -> Path:
     if (run_dir / CHECKPOINT).exists() and not (cfg.resume or cfg.overwrite):
         raise ConfigError(f"an interrupted run of {output} exists; pass --resume to continue it or --overwrite "
                           "to start again")
-    if cfg.overwrite and not cfg.resume and run_dir.exists():
-        shutil.rmtree(run_dir)
+    if run_dir.exists() and not (cfg.resume and (run_dir / CHECKPOINT).exists()):
+        shutil.rmtree(run_dir)  # a dead run's leftovers (tokenizer, best weights) must not leak into a new run
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -202,13 +203,13 @@ def _save_best(member: Member, run_dir: Path) -> None:
 
 
 def fit(cfg: RunConfig, objective: Objective, train: Encoded, tokenizer: Any, run_dir: Path,
-        mlm_collator: Any = None, progress_label: str = "train") -> LoopState:
+        mlm_collator: Any = None, progress_label: str = "train", data_identity: Any = None) -> LoopState:
     """Run the loop to cfg's step budget, resuming from run_dir's checkpoint when cfg.resume is set."""
     total, groups_per_epoch = total_steps_for(cfg, len(train.features))
     trainable = objective.trainable()
     optimizer = _optimizer(cfg, objective.members)
     scheduler = _scheduler(cfg, optimizer, total)
-    checkpointer = Checkpointer(run_dir, cfg)
+    checkpointer = Checkpointer(run_dir, cfg, data_identity)
     state = LoopState()
     if cfg.resume and checkpointer.path.exists():
         state = checkpointer.load(trainable, optimizer, scheduler)

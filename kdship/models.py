@@ -156,6 +156,9 @@ def build_model(objective: str, source: str | None = None, config: Any = None, l
                 setattr(config, "_attn_implementation" if key == "attn_implementation" else key, value)
             return auto.from_config(config)
         return auto.from_pretrained(source, **kwargs)
+    except OSError as e:  # a folder with config.json but no (or unreadable) weights
+        first = str(e).strip().splitlines()[0]
+        raise ModelError(f"{source}: weights could not be loaded ({first}); check the folder holds model.safetensors")
     except ValueError as e:
         first = str(e).strip().splitlines()[0]
         raise ModelError(f"{source or config.model_type}: cannot build a {objective} model ({first}); "

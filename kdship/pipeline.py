@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kdship.artifacts import read_record, write_record
+from kdship.artifacts import read_record, staged_dir, write_record
 from kdship.config import DataConfig, DistillConfig, PipelineConfig, StageConfig, to_record
 from kdship.errors import ConfigError, KdshipError
 
@@ -37,10 +37,11 @@ def _teacher(p: PipelineConfig, stage: StageConfig) -> str:
 
 
 def _data(p: PipelineConfig, stage: StageConfig) -> DataConfig:
-    if isinstance(stage.data, DataConfig):
-        return stage.data
-    if stage.data in p.datasets:
-        return p.datasets[stage.data]
+    data = stage.data if isinstance(stage.data, DataConfig) else p.datasets.get(stage.data)
+    if data is not None and not data.train:
+        raise ConfigError(f"stage {stage.name!r}: its data has no train file; set train: in the dataset")
+    if data is not None:
+        return data
     raise ConfigError(f"stage {stage.name!r}: data {stage.data!r} is not defined; define it under datasets: "
                       f"(defined: {', '.join(p.datasets) or 'none'})")
 
@@ -128,10 +129,12 @@ def run_pipeline(p: PipelineConfig) -> dict[str, Any]:
     done = []
     for i, stage in enumerate(stages):
         folder = Path(stage.config.output)
-        changed = ", ".join(stage.changed) or "nothing (first stage)" if i == 0 else ", ".join(stage.changed) or "nothing"
-        if read_record(folder) is not None:  # finished before an interruption: keep it
+        changed = ", ".join(stage.changed) or ("nothing (first stage)" if i == 0 else "nothing")
+        finished = read_record(folder)
+        if finished is not None:  # finished before an interruption: keep it, if it was made with these settings
+            _check_same_settings(stage, finished)
             out.print(f"stage {i + 1}/{len(stages)} {stage.spec.name}: already done, kept")
-            result = {"output": str(folder), **read_record(folder)}
+            result = {"output": str(folder), **finished}
         else:
             out.print(f"stage {i + 1}/{len(stages)} {stage.spec.name}: changes {changed}")
             result = distill(stage.config)
@@ -143,6 +146,16 @@ def run_pipeline(p: PipelineConfig) -> dict[str, Any]:
     record = {"command": "distill-pipeline", "config": to_record(p), "stages": done, "final": final}
     write_record(Path(p.output), record)
     return {"output": p.output, **record}
+
+
+def _check_same_settings(stage: Stage, finished: dict[str, Any]) -> None:
+    ignore = ("resume", "overwrite")
+    now = {k: v for k, v in to_record(stage.config).items() if k not in ignore}
+    then = {k: v for k, v in finished.get("config", {}).items() if k not in ignore}
+    if then != now:
+        differing = sorted(k for k in now if now.get(k) != then.get(k))
+        raise ConfigError(f"stage {stage.spec.name!r} was finished with other settings ({', '.join(differing)}); "
+                          "pass --overwrite to run the pipeline again from the start")
 
 
 def _stage_metrics(result: dict[str, Any], p: PipelineConfig) -> dict[str, Any]:
@@ -158,9 +171,9 @@ def _publish_final(p: PipelineConfig, last: Path, stages: list[dict[str, Any]]) 
     for name in names:
         source = last / name if p.students else last
         target = Path(p.output) / name
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(source, target)
-        record = read_record(target) or {}
-        write_record(target, {**record, "pipeline": {"stages": stages, "config": to_record(p)}})
+        with staged_dir(target, overwrite=True) as tmp:
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
+            record = read_record(tmp) or {}
+            write_record(tmp, {**record, "pipeline": {"stages": stages, "config": to_record(p)}})
         final[name] = str(target)
     return final

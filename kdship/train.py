@@ -147,11 +147,11 @@ def _build_train_model(cfg: TrainConfig, tokenizer: Any, data: RunData) -> nn.Mo
     return build_model(cfg.objective, config=config, label_names=data.label_names)
 
 
-
-
 def train(cfg: TrainConfig) -> dict[str, Any]:
     if not cfg.output:
         raise ConfigError("no output folder; pass --output DIR")
+    if not cfg.data.train:
+        raise ConfigError("no training data; pass --data FILE (or data.train in the recipe)")
     with run_dir_for_output(Path(cfg.output), cfg) as run_dir:
         return _train(cfg, Path(cfg.output), run_dir)
 
@@ -182,7 +182,7 @@ def _selector(cfg: TrainConfig, model: nn.Module, tokenizer: Any, data: RunData,
         logits = predict_logits(small, tokenizer, data.train, cfg.eval_batch_size, device, autocast)
         small_losses = per_example_loss(logits, torch.tensor(data.train.labels))
     return Selector(small, model, cfg.select_ratio, cfg.select_mode, cfg.select_refresh, len(data.train.features),
-                    small_losses)
+                    small_losses, autocast)
 
 
 def _train(cfg: TrainConfig, output: Path, run_dir: Path) -> dict[str, Any]:
@@ -214,8 +214,8 @@ def _train(cfg: TrainConfig, output: Path, run_dir: Path) -> dict[str, Any]:
         if selector is not None:
             batch, weights = selector.choose(batch, indices, step_no)
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        with autocast():
-            out = model(**batch)
+        with autocast():  # weighted selection takes per-example losses, so the model need not reduce them
+            out = model(**(batch if weights is None else inputs))
         task = out.loss if weights is None else (per_example_loss(out.logits, batch["labels"]) * weights).mean()
         logs = {"loss": task.item()}
         alpha = reverse_alpha(step_no, cfg.reverse_steps, cfg.reverse_schedule, cfg.reverse_start) if reverse else 0.0
@@ -229,7 +229,7 @@ def _train(cfg: TrainConfig, output: Path, run_dir: Path) -> dict[str, Any]:
         return task, logs
 
     objective = Objective(step, evaluate, [Member("model", model, model.save_pretrained, metric, higher)])
-    state = fit(loop_cfg, objective, data.train, tokenizer, run_dir, collator, "train")
+    state = fit(loop_cfg, objective, data.train, tokenizer, run_dir, collator, "train", data_record(data))
     record = {"command": "train", "config": to_record(cfg), "data": data_record(data), "device": str(device),
               "model": {"source": cfg.model or cfg.init, "parameters": sum(p.numel() for p in model.parameters())}}
     if reverse is not None:

@@ -118,7 +118,7 @@ def test_export_bad_inputs(teacher_dir, artifact, tmp_path):
     _user_error(kdship("export", tmp_path / "nope", "-o", tmp_path / "a"), "not found")
     _user_error(kdship("export", teacher_dir, "--to", "onnx", "-o", artifact), "--overwrite")
     _user_error(kdship("export", teacher_dir, "--to", "tflite", "-o", tmp_path / "a"), "valid targets: onnx")
-    _user_error(kdship("export", teacher_dir, "--opset", "13", "-o", tmp_path / "a"), "opset 13 is too old")
+    _user_error(kdship("export", teacher_dir, "--opset", "13", "-o", tmp_path / "a"), "opset: Input should be greater than or equal to 18")
     _user_error(kdship("export", teacher_dir, "--to", "int8-static", "--calib-data", tmp_path / "missing.tsv",
                        "-o", tmp_path / "a"), "not found")
     assert not (tmp_path / "a").exists()

@@ -1,10 +1,11 @@
 """The HTTP API: POST /v1/classify, GET /health, GET /metrics (Prometheus), GET /v1/model.
 
 Bad requests get a 4xx JSON error naming the problem ({"error": {"code", "message"}}), never a 500 and never a
-dead server."""
+dead server; a failure of the model itself is a JSON 500 and the server keeps serving."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -109,11 +110,14 @@ def create_app(model: ServedModel, cfg: ServeConfig) -> FastAPI:
                                    request.headers.get("content-type", ""), cfg)
         except HttpError as e:
             return JSONResponse({"error": {"code": e.code, "message": str(e)}}, status_code=e.code)
-        if cfg.batching:
-            predictions = await batcher.submit(texts)
-        else:
-            predictions = model.predict(texts)
-            metrics["batch"].observe(len(texts))
+        try:
+            if cfg.batching:
+                predictions = await batcher.submit(texts)
+            else:
+                predictions = await asyncio.to_thread(model.predict, texts)  # keeps /health answering meanwhile
+                metrics["batch"].observe(len(texts))
+        except Exception as e:  # the model failed, not the request: say so in JSON, and keep serving
+            return JSONResponse({"error": {"code": 500, "message": f"model failed: {e}"}}, status_code=500)
         metrics["texts"].inc(len(texts))
         return {"model": model.name, "predictions": predictions}
 
@@ -140,7 +144,8 @@ def create_app(model: ServedModel, cfg: ServeConfig) -> FastAPI:
 KNOWN_PATHS = {"/v1/classify", "/health", "/metrics", "/v1/model"}
 
 
-def _check_port_free(host: str, port: int) -> None:
+def _check_port_free(host: str, port: int) -> int:
+    """The port to serve on: `port` if it is free, or a free one picked now when port is 0 (so it can be printed)."""
     import socket
 
     from kdship.errors import KdshipError
@@ -150,6 +155,7 @@ def _check_port_free(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as e:
             raise KdshipError(f"cannot listen on {host}:{port} ({e.strerror}); pass another --port") from None
+        return s.getsockname()[1]
 
 
 def serve(cfg: ServeConfig) -> None:
@@ -159,8 +165,7 @@ def serve(cfg: ServeConfig) -> None:
     from kdship.serve.model import load_served_model
 
     model = load_served_model(cfg.artifact, cfg.backend, cfg.variant, cfg.threads)
-    if cfg.port:
-        _check_port_free(cfg.host, cfg.port)
+    port = _check_port_free(cfg.host, cfg.port)
     app = create_app(model, cfg)
-    print(f"serving {model.name} ({model.file.name}, {cfg.backend}) on http://{cfg.host}:{cfg.port}", flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=10)
+    print(f"serving {model.name} ({model.file.name}, {cfg.backend}) on http://{cfg.host}:{port}", flush=True)
+    uvicorn.run(app, host=cfg.host, port=port, log_level="warning", timeout_graceful_shutdown=10)

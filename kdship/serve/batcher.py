@@ -1,5 +1,6 @@
-"""Server-side dynamic batching: requests that arrive within `max_wait` are run as one model call of up to
-`max_batch` texts. The model runs in a worker thread, so the event loop keeps accepting requests meanwhile."""
+"""Server-side dynamic batching: requests that arrive within `max_wait` are merged into one model call while the
+total stays within `max_batch` texts (a single larger request runs alone). The model runs in a worker thread, so
+the event loop keeps accepting requests meanwhile."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ class DynamicBatcher:
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch
         self.queue: asyncio.Queue[tuple[list[str], asyncio.Future]] = asyncio.Queue()
+        self._held: tuple[list[str], asyncio.Future] | None = None  # did not fit the last batch: goes first next
         self._worker: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -32,8 +34,9 @@ class DynamicBatcher:
         return await future
 
     async def _collect(self) -> list[tuple[list[str], asyncio.Future]]:
-        items = [await self.queue.get()]
-        count = len(items[0][0])
+        first, self._held = (self._held, None) if self._held else (await self.queue.get(), None)
+        items = [first]
+        count = len(first[0])
         deadline = asyncio.get_running_loop().time() + self.max_wait_s
         while count < self.max_batch:
             remaining = deadline - asyncio.get_running_loop().time()
@@ -42,6 +45,9 @@ class DynamicBatcher:
             try:
                 item = await asyncio.wait_for(self.queue.get(), remaining)
             except asyncio.TimeoutError:
+                break
+            if count + len(item[0]) > self.max_batch:
+                self._held = item
                 break
             items.append(item)
             count += len(item[0])

@@ -44,8 +44,9 @@ class Selector:
     model re-scores a sample at most every `refresh` steps."""
 
     def __init__(self, small: torch.nn.Module, large: torch.nn.Module, ratio: float, mode: str, refresh: int,
-                 n_examples: int, small_losses: Tensor | None):
+                 n_examples: int, small_losses: Tensor | None, autocast=None):
         self.small, self.large = small, large
+        self.autocast = autocast
         self.ratio, self.mode, self.refresh = ratio, mode, refresh
         self.small_losses = small_losses
         self.large_losses = torch.zeros(n_examples)
@@ -58,7 +59,9 @@ class Selector:
         was_training = model.training
         model.eval()  # no dropout noise in the scores
         inputs = {k: v[rows] for k, v in batch.items() if k != "labels"}
-        losses = per_example_loss(model(**inputs).logits, batch["labels"][rows]).cpu()
+        with self.autocast() if self.autocast else torch.autocast("cpu", enabled=False):
+            logits = model(**inputs).logits
+        losses = per_example_loss(logits, batch["labels"][rows]).cpu()
         model.train(was_training)
         return losses
 
