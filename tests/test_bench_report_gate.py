@@ -53,7 +53,10 @@ def test_bench_bad_inputs(runs, tmp_path):
         (["bench", tmp_path / "missing"], "not found"),
         (["bench", runs / "student-artifact", "--backend", "onnx-gpu"], "valid backends: ort-cpu"),
         (["bench", runs / "student-artifact", "--backend", "ort-cuda"], "not available here"),
-        (["bench", runs / "student-artifact", "--backend", "aoti"], "no variant that backend 'aoti' runs"),
+        (["bench", runs / "student-artifact", "--backend", "aoti", "--seq", "16"], "no variant that backend 'aoti' runs"),
+        (["bench", runs / "student-artifact", "--seq", "16,128"], "--seq 128 is longer than student-artifact takes"),
+        (["bench", runs / "student-artifact", runs / "student-artifact"], "two models are named alike"),
+        (["bench", runs / "student-artifact", "--batch", "1,x"], "not a comma-separated list of integers"),
         (["bench", runs / "student-artifact", "--batch", "0"], "positive integers"),
     ]:
         result = kdship(*args)
