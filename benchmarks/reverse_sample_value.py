@@ -50,8 +50,9 @@ def timed_train(cfg: TrainConfig) -> tuple[dict[str, Any], float]:
 def reverse_warmup(s: dict[str, Any], minilm: Path, work: Path) -> dict[str, Any]:
     corpus = str(SHARED / "data" / "corpus" / "general")
     wiki = work / "wiki.txt"
-    wiki.write_text("\n".join(l for l in (SHARED / "data" / "wikitext2" / "wiki.valid.tokens").read_text().splitlines()
-                              if len(l.split()) > 8 and not l.startswith(" =")][:300])
+    lines = [line for line in (SHARED / "data" / "wikitext2" / "wiki.valid.tokens").read_text().splitlines()
+             if len(line.split()) > 8 and not line.startswith(" =")]
+    wiki.write_text("\n".join(lines[:300]))
     data = {"train": corpus, "eval": str(wiki), "max_length": 64, "max_train_samples": s["corpus"]}
     common = {"init": s["large"], "tokenizer": str(minilm), "objective": "mlm", "data": data, "lr": 5e-4,
               "max_steps": s["large_steps"], "batch_size": s["batch"], "eval_every": s["eval_every"], "overwrite": True}

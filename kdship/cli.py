@@ -114,7 +114,8 @@ def train(
     seed: Seed = None, device: Device = None, precision: Precision = None, output: Output = None,
     recipe: Recipe = None, resume: Resume = None, overwrite: Overwrite = None,
 ) -> None:
-    """Fine-tune (or --objective mlm pretrain) one model: how teachers are made."""
+    """Fine-tune (or --objective mlm pretrain) one model: how teachers are made; with reverse distillation from a
+    small model, or sample-value selection by one."""
     from kdship.config import TrainConfig, build_config
     from kdship.train import train as run
 
@@ -178,7 +179,8 @@ def distill(
     seed: Seed = None, device: Device = None, precision: Precision = None, output: Output = None,
     recipe: Recipe = None, resume: Resume = None, overwrite: Overwrite = None,
 ) -> None:
-    """Distill a student from a teacher (soft/hard labels, hidden-state and attention matching)."""
+    """Distill students from a teacher: soft/hard labels, hidden-state and attention matching, MLM or feature
+    objectives, several students in one pass, progressive pipelines (a recipe with stages:)."""
     from kdship.config import DistillConfig, PipelineConfig, build_config, read_recipe
     from kdship.distill import distill as run
 
@@ -384,8 +386,8 @@ def deploy_triton(
 
 
 @command(name="list")
-def list_(what: Annotated[str, typer.Argument(help="losses | exporters")] = "losses") -> None:
-    """List registered components (losses, exporters)."""
+def list_(what: Annotated[str, typer.Argument(help="losses | exporters | backends")] = "losses") -> None:
+    """List registered components (losses, exporters, backends)."""
     from kdship.registries import list_components
 
     list_components(what)
@@ -396,7 +398,7 @@ def quickstart(
     output: Annotated[str, typer.Option("--output", "-o", help="where the run goes")] = "kdship-quickstart",
     overwrite: Overwrite = None, seed: Seed = None, device: Device = None,
 ) -> None:
-    """Offline end to end on a built-in synthetic task: make data, train a teacher, distill a student, evaluate."""
+    """Offline end to end on a built-in synthetic task: data, teacher, student, eval, export, bench, report, gate."""
     from kdship.config import QuickstartConfig, build_config
     from kdship.quickstart import quickstart as run
 
