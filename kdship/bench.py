@@ -156,16 +156,20 @@ def resolve(folder: Path, backend_name: str, seqs: list[int]) -> Path:
     return model_file(source, backend, None)
 
 
-def bench_model(folder: Path, backend_name: str, path: Path, cfg: BenchConfig) -> list[dict[str, Any]]:
+def model_inputs(folder: Path, cfg: BenchConfig) -> Inputs:
+    """The model's input names and ids, made once per model and shared by every backend."""
     from transformers import AutoConfig
 
     from kdship.exporters.onnx_export import input_names_for
     from kdship.models import load_tokenizer
 
-    backend = get_backend(backend_name)
     config = AutoConfig.from_pretrained(folder)
     names = input_names_for(load_tokenizer(str(folder), "model"), config)
-    inputs = Inputs(folder, names, config.vocab_size, cfg.inputs)
+    return Inputs(folder, names, config.vocab_size, cfg.inputs)
+
+
+def bench_model(folder: Path, backend_name: str, path: Path, inputs: Inputs, cfg: BenchConfig) -> list[dict[str, Any]]:
+    backend = get_backend(backend_name)
     _reset_gpu_peak()
     before = rss_mb()
     run = backend.load(path, cfg.threads)
@@ -239,7 +243,8 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
 
         check_output_dir(Path(cfg.output), cfg.overwrite)
     plan = [(folder, backend, resolve(folder, backend, cfg.seq)) for folder in folders for backend in cfg.backends]
-    rows = [row for folder, backend, path in plan for row in bench_model(folder, backend, path, cfg)]
+    inputs = {folder: model_inputs(folder, cfg) for folder in folders}
+    rows = [row for folder, backend, path in plan for row in bench_model(folder, backend, path, inputs[folder], cfg)]
     add_speedups(rows, folders[0].name)
     result = {"kind": "kdship-bench/1", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               **device_info(cfg.threads), "versions": library_versions(), "config": to_record(cfg),

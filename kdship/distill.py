@@ -140,14 +140,15 @@ class Trainee:
     projections: nn.ModuleList
     prefix: str  # "" for a single student, "name/" for several (log and metric keys)
     forward_seconds: float = 0.0
-    losses: list[float] = field(default_factory=list)  # per micro-batch, for the first/last loss in kdship.json
+    losses: list[torch.Tensor] = field(default_factory=list)  # per micro-batch, detached, for the first/last loss in kdship.json
 
     def loss_summary(self, window: int = 5) -> dict[str, float]:
         """Mean loss over the first and the last few steps: did this student learn?"""
         if not self.losses:
             return {}
-        return {"loss_first": sum(self.losses[:window]) / len(self.losses[:window]),
-                "loss_last": sum(self.losses[-window:]) / len(self.losses[-window:])}
+        losses = [float(x) for x in self.losses]
+        return {"loss_first": sum(losses[:window]) / len(losses[:window]),
+                "loss_last": sum(losses[-window:]) / len(losses[-window:])}
 
 
 def precompute_teacher_logits(cfg: DistillConfig, needs: set[str], teacher: nn.Module, tokenizer: Any,
@@ -234,8 +235,9 @@ def _distill(cfg: DistillConfig, tconfig: Any, output: Path, run_dir: Path) -> d
             x = _losses_for(t, t_out, s_out, batch, needs, teacher_logits, cfg.temperature)
             values = [term.loss.fn(x) for term in terms]
             student_total = sum(term.weight_at(progress) * value for term, value in zip(terms, values))
-            logs |= {f"{t.prefix}{term.loss.name}": value.item() for term, value in zip(terms, values)}
-            t.losses.append(student_total.item())
+            # detached tensors, not floats: .item() would wait for the GPU on every step (the bar reads them rarely)
+            logs |= {f"{t.prefix}{term.loss.name}": value.detach() for term, value in zip(terms, values)}
+            t.losses.append(student_total.detach())
             total = total + student_total
             t.forward_seconds += time.perf_counter() - started
         return total, logs

@@ -23,6 +23,7 @@ from kdship.errors import ConfigError
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best"
+LOG_EVERY = 10  # steps between loss read-outs in the progress line
 # Flags that say how to start a run, not what the run is: they may differ between a run and its resume.
 START_FLAGS = ("resume", "overwrite")
 
@@ -273,7 +274,10 @@ def _progress(label: str, total: int, start: int):
     with Progress(*columns, transient=False) as progress:
         task = progress.add_task(label, total=total, completed=start, info="")
 
-        def update(state: LoopState, logs: dict[str, float]) -> None:
+        def update(state: LoopState, logs: dict[str, Any]) -> None:
+            if state.step % LOG_EVERY and state.step != total:
+                progress.update(task, completed=state.step)  # formatting the losses would sync the GPU
+                return
             rate = state.samples_seen / state.train_seconds if state.train_seconds else 0.0
             info = " ".join(f"{k}={v:.4f}" for k, v in logs.items()) + f" {rate:.0f} samples/s"
             if state.history:

@@ -217,14 +217,14 @@ def _train(cfg: TrainConfig, output: Path, run_dir: Path) -> dict[str, Any]:
         with autocast():  # weighted selection takes per-example losses, so the model need not reduce them
             out = model(**(batch if weights is None else inputs))
         task = out.loss if weights is None else (per_example_loss(out.logits, batch["labels"]) * weights).mean()
-        logs = {"loss": task.item()}
+        logs = {"loss": task.detach()}
         alpha = reverse_alpha(step_no, cfg.reverse_steps, cfg.reverse_schedule, cfg.reverse_start) if reverse else 0.0
         if alpha > 0:  # the small model is asked only while it still has a say
             with torch.no_grad(), autocast():
                 small_logits = reverse(**inputs).logits
             distill = kd.fn(LossInputs(student_logits=out.logits, teacher_logits=small_logits,
                                        labels=batch["labels"], temperature=cfg.reverse_temperature))
-            logs |= {"alpha": alpha, "reverse_kd": distill.item()}
+            logs |= {"alpha": alpha, "reverse_kd": distill.detach()}
             return (1 - alpha) * task + alpha * distill, logs
         return task, logs
 
