@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+def _quiet_libraries() -> None:
+    """The logs hold kdship's progress and results; transformers' load reports and per-file bars are noise."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+_quiet_libraries()
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the checkout
 

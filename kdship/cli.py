@@ -61,7 +61,16 @@ LabelColumn = Annotated[Optional[str], typer.Option("--label-column", help="labe
 MaxLength = Annotated[Optional[int], typer.Option("--max-length", help="truncate to this many tokens")]
 MaxTrain = Annotated[Optional[int], typer.Option("--max-train-samples", help="use the first N training rows")]
 MaxEval = Annotated[Optional[int], typer.Option("--max-eval-samples", help="use the first N eval rows")]
-Objective = Annotated[Optional[str], typer.Option("--objective", help="classify | mlm")]
+Objective = Annotated[Optional[str], typer.Option("--objective", help="classify | mlm | match (bi-encoder on "
+                                                                      "pairs) | features (distill)")]
+MatchLoss = Annotated[Optional[str], typer.Option("--match-loss", help="objective match: in_batch (positive pairs) | "
+                                                                       "classify (labelled pairs)")]
+SelectBy = Annotated[Optional[str], typer.Option("--select-by", help="small model that scores samples (sample-value "
+                                                                     "selection)")]
+SelectRatio = Annotated[Optional[float], typer.Option("--select-ratio", help="fraction that gets the step")]
+SelectMode = Annotated[Optional[str], typer.Option("--select-mode", help="topk | weighted")]
+SelectRefresh = Annotated[Optional[int], typer.Option("--select-refresh", help="reuse a sample's score by the "
+                                                                               "trained model for K steps")]
 Epochs = Annotated[Optional[float], typer.Option("--epochs")]
 MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help="stop after N optimizer steps")]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size")]
@@ -83,6 +92,10 @@ def _data(train: str | None = None, eval: str | None = None, text_columns: list[
             "max_length": max_length, "max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples}
 
 
+def _selection(by: str | None, ratio: float | None, mode: str | None, refresh: int | None) -> dict[str, Any]:
+    return {"select_by": by, "select_ratio": ratio, "select_mode": mode, "select_refresh": refresh}
+
+
 def _print_run(result: dict[str, Any]) -> None:
     metrics = {k: v for k, v in result.get("metrics", {}).items() if isinstance(v, float)}
     shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
@@ -101,12 +114,10 @@ def train(
                                                          "steps")] = None,
     reverse_schedule: Annotated[Optional[str], typer.Option("--reverse-schedule", help="linear | cosine | step")] = None,
     reverse_temperature: Annotated[Optional[float], typer.Option("--reverse-temperature")] = None,
-    select_by: Annotated[Optional[str], typer.Option("--select-by", help="small model that scores samples "
-                                                     "(sample-value selection)")] = None,
-    select_ratio: Annotated[Optional[float], typer.Option("--select-ratio", help="fraction that gets the step")] = None,
-    select_mode: Annotated[Optional[str], typer.Option("--select-mode", help="topk | weighted")] = None,
-    select_refresh: Annotated[Optional[int], typer.Option("--select-refresh", help="reuse a sample's large-model "
-                                                          "score for K steps")] = None,
+    reverse_hidden: Annotated[Optional[float], typer.Option("--reverse-hidden", help="weight of hidden-state "
+                                                            "matching through projections (default 0: logits only)")] = None,
+    select_by: SelectBy = None, select_ratio: SelectRatio = None, select_mode: SelectMode = None,
+    select_refresh: SelectRefresh = None, match_loss: MatchLoss = None,
     data: Data = None, eval_data: EvalData = None, text_column: TextColumn = None, label_column: LabelColumn = None,
     max_length: MaxLength = None, max_train_samples: MaxTrain = None, max_eval_samples: MaxEval = None,
     objective: Objective = None, epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None,
@@ -122,8 +133,8 @@ def train(
     cfg = build_config(
         TrainConfig, recipe, model=model, init=init, tokenizer=tokenizer, vocab_size=vocab_size,
         reverse_from=reverse_from, reverse_steps=reverse_steps, reverse_schedule=reverse_schedule,
-        reverse_temperature=reverse_temperature, select_by=select_by, select_ratio=select_ratio,
-        select_mode=select_mode, select_refresh=select_refresh,
+        reverse_temperature=reverse_temperature, reverse_hidden=reverse_hidden, match_loss=match_loss,
+        **_selection(select_by, select_ratio, select_mode, select_refresh),
         data=_data(data, eval_data, text_column, label_column, max_length, max_train_samples, max_eval_samples),
         objective=objective, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
         lr=lr, eval_every=eval_every, save_every=save_every, seed=seed, device=device, precision=precision,
@@ -172,6 +183,8 @@ def distill(
     temperature: Annotated[Optional[float], typer.Option("--temperature")] = None,
     layer_map: Annotated[Optional[str], typer.Option("--layer-map", help="e.g. 0,2,4 (teacher hidden index per "
                                                                          "student hidden state)")] = None,
+    select_by: SelectBy = None, select_ratio: SelectRatio = None, select_mode: SelectMode = None,
+    select_refresh: SelectRefresh = None, match_loss: MatchLoss = None,
     data: Data = None, eval_data: EvalData = None, text_column: TextColumn = None, label_column: LabelColumn = None,
     max_length: MaxLength = None, max_train_samples: MaxTrain = None, max_eval_samples: MaxEval = None,
     objective: Objective = None, epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None,
@@ -189,7 +202,8 @@ def distill(
 
         per_stage = dict(teacher=teacher, data=data, eval_data=eval_data, loss=loss, objective=objective,
                          text_column=text_column, label_column=label_column, max_length=max_length,
-                         max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, layer_map=layer_map)
+                         max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, layer_map=layer_map,
+                         match_loss=match_loss)
         given = [f"--{k.replace('_', '-')}" for k, v in per_stage.items() if v]
         if given:
             from kdship.errors import ConfigError
@@ -198,7 +212,8 @@ def distill(
                               "datasets); the command line sets students, output and training settings")
         common = {k: v for k, v in dict(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
                                         grad_accum=grad_accum, eval_every=eval_every, save_every=save_every,
-                                        temperature=temperature, teacher_cache=teacher_cache).items()
+                                        temperature=temperature, teacher_cache=teacher_cache,
+                                        **_selection(select_by, select_ratio, select_mode, select_refresh)).items()
                   if v is not None}
         pipeline = build_config(PipelineConfig, recipe, student=student, students=_split_students(students),
                                 output=output, seed=seed, device=device, precision=precision, resume=resume,
@@ -209,7 +224,8 @@ def distill(
     cfg = build_config(
         DistillConfig, recipe, teacher=teacher, student=student, losses=_losses(loss), temperature=temperature,
         students=_split_students(students), teacher_cache=teacher_cache,
-        layer_map=layer_map.split(",") if layer_map else None,
+        layer_map=layer_map.split(",") if layer_map else None, match_loss=match_loss,
+        **_selection(select_by, select_ratio, select_mode, select_refresh),
         data=_data(data, eval_data, text_column, label_column, max_length, max_train_samples, max_eval_samples),
         objective=objective, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
         lr=lr, eval_every=eval_every, save_every=save_every, seed=seed, device=device, precision=precision,

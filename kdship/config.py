@@ -62,9 +62,13 @@ class RunConfig(Strict):
 
     output: str | None = None
     data: DataConfig = DataConfig()
-    objective: Literal["classify", "mlm", "features"] = Field(
+    objective: Literal["classify", "mlm", "features", "match"] = Field(
         "classify", description="classify: labelled task data; mlm: masked-LM on text; features: hidden/attention "
-                                "matching only, on any text (distill)")
+                                "matching only, on any text (distill); match: a dual-tower (bi-encoder) model on "
+                                "sentence pairs")
+    match_loss: Literal["in_batch", "classify"] = Field(
+        "in_batch", description="objective match: in_batch (each pair's partner against the batch's other "
+                                "partners, no labels) or classify (labelled pairs, from u, v and |u-v|)")
     epochs: float = Field(3.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     batch_size: int = Field(32, ge=1)
@@ -83,6 +87,25 @@ class RunConfig(Strict):
     precision: Precision = "auto"
     overwrite: bool = False
     resume: bool = False
+    select_by: str | None = Field(None, description="sample-value selection: the small scoring model")
+    select_ratio: float = Field(0.5, gt=0, le=1, description="fraction of scored samples that get the step")
+    select_mode: Literal["topk", "weighted"] = Field(
+        "topk", description="topk: the highest values; weighted: sampled with probability softmax(value)")
+    select_refresh: int = Field(1, ge=1, description="reuse a sample's score by the trained model for K steps "
+                                                     "(across epochs); 1 scores every candidate afresh")
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the data's labels are read (classification, or pair classification). Then an example's outputs
+        depend on it alone, with no random masking or batch neighbours, so they can be computed once and cached."""
+        return self.objective == "classify" or (self.objective == "match" and self.match_loss == "classify")
+
+    @model_validator(mode="after")
+    def _selection_needs_a_loss(self) -> "RunConfig":
+        if self.select_by and self.objective == "features":
+            raise ValueError("sample-value selection scores samples by their task loss, which objective features "
+                             "does not have; use classify, mlm or match")
+        return self
 
 
 class TrainConfig(RunConfig):
@@ -97,11 +120,8 @@ class TrainConfig(RunConfig):
     reverse_schedule: Literal["linear", "cosine", "step"] = "linear"
     reverse_temperature: float = Field(2.0, gt=0)
     reverse_start: float = Field(1.0, gt=0, le=1, description="weight of the small model's KD at step 0")
-    select_by: str | None = Field(None, description="sample-value selection: the small scoring model")
-    select_ratio: float = Field(0.5, gt=0, le=1, description="fraction of scored samples that get the step")
-    select_mode: Literal["topk", "weighted"] = "topk"
-    select_refresh: int = Field(1, ge=1, description="reuse a sample's large-model score for K steps (across "
-                                                     "epochs); 1 scores every candidate afresh")
+    reverse_hidden: float = Field(0.0, ge=0, description="weight of hidden-state matching (MSE through learned "
+                                                         "projections, large -> small width) beside the KD term")
 
     @model_validator(mode="after")
     def _one_source(self) -> "TrainConfig":
@@ -401,7 +421,8 @@ class GateConfig(Strict):
 
 STAGE_SETTINGS = ("objective", "losses", "temperature", "layer_map", "epochs", "max_steps", "batch_size", "lr",
                   "warmup_ratio", "schedule", "grad_accum", "eval_every", "save_every", "teacher_cache",
-                  "init_from_teacher", "mlm_probability", "weight_decay", "max_grad_norm", "eval_batch_size")
+                  "init_from_teacher", "mlm_probability", "weight_decay", "max_grad_norm", "eval_batch_size",
+                  "match_loss", "select_by", "select_ratio", "select_mode", "select_refresh")
 
 
 class StageConfig(Strict):

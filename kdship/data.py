@@ -206,14 +206,30 @@ class Encoded:
     labels: list[int] | None
 
     def lengths(self) -> list[int]:
-        return [len(f["input_ids"]) for f in self.features]
+        return [max(len(f["input_ids"]), len(f.get("input_ids" + SECOND, ()))) for f in self.features]
 
 
-def tokenize(tokenizer: Any, table: TextTable, max_length: int, labels: list[int] | None) -> Encoded:
+# Suffix of the second text's inputs when a pair is encoded as two separate sequences (dual-tower models).
+SECOND = "_b"
+INPUT_KEYS = ("input_ids", "token_type_ids", "attention_mask")
+
+
+def tokenize(tokenizer: Any, table: TextTable, max_length: int, labels: list[int] | None,
+             apart: bool = False) -> Encoded:
+    """Token ids per example. Pairs become one sequence (a cross-encoder reads both texts together) or, with
+    `apart`, two sequences whose second has keys ending in _b (a dual-tower model encodes each text alone)."""
     columns = list(zip(*table.texts))
-    enc = tokenizer(*columns, truncation=True, max_length=max_length)
-    keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in enc]
-    features = [{k: enc[k][i] for k in keys} for i in range(len(table))]
+    if apart and len(columns) != 2:
+        raise DataError(f"{table.source}: a dual-tower (match) model needs sentence pairs, but the data has "
+                        f"{len(columns)} text column; give two with --text-column A --text-column B")
+    encoded = [tokenizer(list(c), truncation=True, max_length=max_length) for c in columns] if apart else \
+        [tokenizer(*columns, truncation=True, max_length=max_length)]
+    features = []
+    for i in range(len(table)):
+        feature = {}
+        for side, enc in zip(("", SECOND), encoded):
+            feature |= {k + side: enc[k][i] for k in INPUT_KEYS if k in enc}
+        features.append(feature)
     return Encoded(features, labels)
 
 
@@ -244,9 +260,21 @@ def collate(tokenizer: Any, encoded: Encoded, indices: Sequence[int], mlm_collat
     if mlm_collator is not None:
         mlm_collator.generator = torch.Generator().manual_seed(mask_seed or 0)
         return dict(mlm_collator(feats))
-    batch = dict(tokenizer.pad(feats, return_tensors="pt"))
+    batch = _pad_pairs(tokenizer, feats) if "input_ids" + SECOND in feats[0] else dict(tokenizer.pad(feats,
+                                                                                                   return_tensors="pt"))
     if encoded.labels is not None:
         batch["labels"] = torch.tensor([encoded.labels[i] for i in indices], dtype=torch.long)
+    return batch
+
+
+def _pad_pairs(tokenizer: Any, feats: list[dict[str, list[int]]]) -> dict[str, Any]:
+    """Pad both sides of each pair to one length, so their hidden states stack on the batch axis."""
+    longest = max(len(f[k]) for f in feats for k in ("input_ids", "input_ids" + SECOND))
+    batch = {}
+    for side in ("", SECOND):
+        texts = [{k: f[k + side] for k in INPUT_KEYS if k + side in f} for f in feats]
+        padded = tokenizer.pad(texts, padding="max_length", max_length=longest, return_tensors="pt")
+        batch |= {k + side: v for k, v in padded.items()}
     return batch
 
 

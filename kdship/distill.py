@@ -15,11 +15,14 @@ from torch import nn
 from kdship.config import DistillConfig, to_record
 from kdship.errors import ConfigError, ModelError
 from kdship.evaluate import predict_logits
-from kdship.loop import Member, Objective, autocast_for, fit, pick_device, run_dir_for_output, seed_everything
+from kdship.biencoder import targets, token_mask
+from kdship.loop import (Member, Objective, autocast_for, fit, pick_device, run_dir_for_output, seed_everything,
+                         total_steps_for)
+from kdship.techniques.selection import build_selector, candidate_batches, rows_of
 from kdship.losses import LossInputs, WeightedLoss, get_loss
 from kdship.models import (build_model, check_tokenizers_match, check_vocab_compatible, config_from_spec,
-                           expand_shorthand, init_from_teacher, is_mlm, is_shape_spec, label_names_of, load_config, load_tokenizer,
-                           max_tokens, uniform_layer_map)
+                           expand_shorthand, init_from_teacher, is_mlm, is_shape_spec, label_names_of, load_config,
+                           load_tokenizer, max_tokens, task_label_names, uniform_layer_map)
 from kdship.artifacts import read_record, sha256_file, staged_dir, write_record
 from kdship.train import data_record, load_run_data, mlm_collator_for, model_evaluator, write_output
 
@@ -41,6 +44,9 @@ def _teacher_config(cfg: DistillConfig) -> Any:
     if cfg.objective == "classify" and label_names_of(config) is None:
         raise ModelError(f"teacher {cfg.teacher} has no trained classification head; fine-tune it first with "
                          "`kdship train` (or distill with --objective mlm)")
+    if cfg.labelled and cfg.objective == "match" and task_label_names("match", config) is None:
+        raise ModelError(f"teacher {cfg.teacher} is not a bi-encoder trained to classify pairs; train one with "
+                         "`kdship train --objective match --match-loss classify` (or use --match-loss in_batch)")
     if cfg.objective == "mlm" and not is_mlm(config):
         raise ModelError(f"teacher {cfg.teacher} has no masked-LM head, so --objective mlm cannot use it; use a "
                          "masked-LM teacher, or hidden/attention losses with --objective classify")
@@ -85,8 +91,8 @@ def _student(cfg: DistillConfig, source: str, head: str, teacher: nn.Module, tok
         if (Path(source) / "tokenizer_config.json").exists() or (Path(source) / "tokenizer.json").exists():
             check_tokenizers_match(tokenizer, load_tokenizer(source, "student"), source)
         check_vocab_compatible(config, tokenizer, source)
-        names = label_names_of(config)
-        if head == "classify" and names is not None and label_names is not None and len(names) != len(label_names):
+        names = task_label_names(head, config)
+        if names is not None and label_names is not None and len(names) != len(label_names):
             raise ModelError(f"student {source} has {len(names)} labels but the teacher has {len(label_names)}; "
                              "use a student without a classification head, or one trained on the same labels")
         student = build_model(head, source=source, label_names=label_names, attn_eager=eager)
@@ -156,7 +162,7 @@ def precompute_teacher_logits(cfg: DistillConfig, needs: set[str], teacher: nn.M
     """The teacher's logits for every training example, once, when that is all the losses read and the inputs do
     not change between epochs (no random masking): the teacher then costs one pass instead of one per epoch.
     Computed in a fixed order, so a resumed run uses exactly the same values."""
-    safe = cfg.objective == "classify" and needs <= {"logits", "teacher"}
+    safe = cfg.labelled and needs <= {"logits", "teacher"}
     if cfg.teacher_cache == "off" or not safe:
         return None
     return predict_logits(teacher, tokenizer, data.train, cfg.eval_batch_size, device, autocast)
@@ -164,8 +170,8 @@ def precompute_teacher_logits(cfg: DistillConfig, needs: set[str], teacher: nn.M
 
 def _losses_for(trainee: Trainee, t_out: Any, s_out: Any, batch: dict[str, Any], needs: set[str],
                 teacher_logits: torch.Tensor, temperature: float) -> LossInputs:
-    x = LossInputs(student_logits=s_out.logits, teacher_logits=teacher_logits, labels=batch.get("labels"),
-                   attention_mask=batch["attention_mask"], temperature=temperature)
+    x = LossInputs(student_logits=s_out.logits, teacher_logits=teacher_logits, labels=targets(batch, s_out.logits),
+                   attention_mask=token_mask(batch), temperature=temperature)
     if "hidden" in needs:
         x.student_hidden = [proj(h.float()) for proj, h in zip(trainee.projections, s_out.hidden_states)]
         x.teacher_hidden = [t_out.hidden_states[i] for i in trainee.pair.layer_map]
@@ -184,7 +190,7 @@ def _distill(cfg: DistillConfig, tconfig: Any, output: Path, run_dir: Path) -> d
     eager = "attentions" in needs  # fused attention kernels do not return attention maps
     head = head_for(cfg, tconfig)
     tokenizer = load_tokenizer(cfg.teacher, "teacher")
-    label_names = label_names_of(tconfig) if head == "classify" else None
+    label_names = task_label_names(head, tconfig)
     teacher = build_model(head, source=cfg.teacher, attn_eager=eager).to(device).eval()
     teacher.requires_grad_(False)
     sources = student_sources(cfg, tconfig.model_type)
@@ -194,12 +200,18 @@ def _distill(cfg: DistillConfig, tconfig: Any, output: Path, run_dir: Path) -> d
         pair = _student(cfg, source, head, teacher, tokenizer, label_names, eager)
         pair.student.to(device)
         trainees.append(Trainee(name, pair, _projections(pair, "hidden" in needs).to(device), f"{name}/" if multi else ""))
-    data = load_run_data(cfg, tokenizer, label_names if cfg.objective == "classify" else None,
+    data = load_run_data(cfg, tokenizer, label_names if cfg.labelled else None,
                          max_tokens(cfg.data.max_length, teacher.config, *(t.pair.student.config for t in trainees)))
     collator = mlm_collator_for(cfg, tokenizer)
     cached = precompute_teacher_logits(cfg, needs, teacher, tokenizer, data, device, autocast)
     teacher_eval = (predict_logits(teacher, tokenizer, data.eval, cfg.eval_batch_size, device, autocast)
-                    if data.eval is not None and cfg.objective == "classify" else None)
+                    if data.eval is not None and cfg.labelled else None)
+    if cfg.select_by and multi:
+        raise ConfigError("sample-value selection scores samples for one trained model; with several students, "
+                          "distill them without --select-by (or one at a time)")
+    selector = (build_selector(cfg, trainees[0].pair.student, tokenizer, data.train, device, autocast)
+                if cfg.select_by else None)
+    total_steps, _ = total_steps_for(candidate_batches(cfg), len(data.train.features))
     evaluators = {t.name: model_evaluator(cfg, t.pair.student, tokenizer, data, device, autocast, collator)
                   for t in trainees}
     eval_labels = torch.tensor(data.eval.labels) if teacher_eval is not None else None
@@ -219,6 +231,9 @@ def _distill(cfg: DistillConfig, tconfig: Any, output: Path, run_dir: Path) -> d
 
     def step(batch: dict[str, Any], progress: float, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         batch = {k: v.to(device) for k, v in batch.items()}
+        if selector is not None:  # the student is the model being trained: it gets the valuable samples
+            rows = selector.choose(batch, indices, round(progress * total_steps))
+            batch, indices = rows_of(batch, rows), [indices[r] for r in rows.tolist()]
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         want = {"output_hidden_states": "hidden" in needs, "output_attentions": "attentions" in needs}
         t_out = None
@@ -248,8 +263,9 @@ def _distill(cfg: DistillConfig, tconfig: Any, output: Path, run_dir: Path) -> d
     has_eval = any(e[0] for e in evaluators.values())
     label = "distill" + (f" x{len(trainees)} students" if multi else "") + (" (teacher cached)" if cached is not None
                                                                             else "")
-    state = fit(cfg, Objective(step, evaluate if has_eval else None, members), data.train, tokenizer, run_dir,
-                collator, label, data_record(data))
+    memory = {"selection": selector.memory} if selector else {}
+    state = fit(candidate_batches(cfg), Objective(step, evaluate if has_eval else None, members, memory), data.train,
+                tokenizer, run_dir, collator, label, data_record(data))
     teacher_record = teacher_identity(cfg.teacher) | {"parameters": sum(p.numel() for p in teacher.parameters())}
 
     def record_for(t: Trainee) -> dict[str, Any]:
@@ -262,7 +278,9 @@ def _distill(cfg: DistillConfig, tconfig: Any, output: Path, run_dir: Path) -> d
                 "training": {"teacher_cache": cached is not None, **counters, **t.loss_summary(),
                              "student_forward_seconds": round(t.forward_seconds, 3), "students_in_pass": len(trainees),
                              # weights, gradients and AdamW's two moments, fp32
-                             "training_state_mb": round(params * 4 * 4 / 2**20, 2)}}
+                             "training_state_mb": round(params * 4 * 4 / 2**20, 2)},
+                **({"selection": {"by": cfg.select_by, "candidates_per_step": candidate_batches(cfg).batch_size,
+                                  **selector.summary()}} if selector else {})}
 
     if not multi:
         result = write_output(output, run_dir, state, "student", trainees[0].pair.student, tokenizer,

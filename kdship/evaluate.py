@@ -81,53 +81,84 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, label_nam
 
 def compare(student: dict[str, Any], teacher: dict[str, Any], student_logits: torch.Tensor,
             teacher_logits: torch.Tensor) -> dict[str, float]:
+    """Retention of the headline metric (accuracy, or recall@1 for retrieval) and agreement of the top choices
+    (predicted class, or retrieved right side)."""
+    metric = "accuracy" if "accuracy" in student else "recall_at_1"
     return {
-        "retention": student["accuracy"] / teacher["accuracy"] if teacher["accuracy"] else 0.0,
+        "retention": student[metric] / teacher[metric] if teacher[metric] else 0.0,
         "agreement": student_logits.argmax(-1).eq(teacher_logits.argmax(-1)).float().mean().item(),
     }
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """`kdship eval`: both models on the same split in one run; writes JSON next to the student (or cfg.output)."""
+    """`kdship eval`: both models on the same split in one run; writes JSON next to the student (or cfg.output).
+    Classifiers and pair-classifying bi-encoders get classification metrics; in-batch bi-encoders retrieval
+    metrics (each pair's left side searches all right sides)."""
     from kdship.artifacts import atomic_write_json
-    from kdship.data import encode_labels, load_table, tokenize
+    from kdship.biencoder import biencoder_settings
+    from kdship.data import load_table, tokenize
     from kdship.errors import ConfigError, ModelError
     from kdship.loop import pick_device
-    from kdship.models import build_model, label_names_of, load_config, load_tokenizer, max_tokens
+    from kdship.models import load_config, load_tokenizer, max_tokens, task_label_names
 
     if not cfg.data.eval:
         raise ConfigError("no eval data; pass --data FILE (or data.eval in the recipe)")
     device = pick_device(cfg.device)
-    student_config = load_config(cfg.student, "student")
-    names = label_names_of(student_config)
-    if names is None:
-        raise ModelError(f"student {cfg.student} has no classification head; train or distill it first")
-    tokenizer = load_tokenizer(cfg.teacher or cfg.student, "teacher" if cfg.teacher else "student")
-    table = load_table(cfg.data.eval, cfg.data.text_columns, cfg.data.label_column, cfg.data.max_eval_samples)
-    labels = torch.tensor(encode_labels(table.raw_labels, names, table.source))
     models = {"student": cfg.student} | ({"teacher": cfg.teacher} if cfg.teacher else {})
     configs = {role: load_config(source, role) for role, source in models.items()}
-    encoded = tokenize(tokenizer, table, max_tokens(cfg.data.max_length, *configs.values()), None)
+    objective = "match" if biencoder_settings(configs["student"]) else "classify"
+    names = task_label_names(objective, configs["student"])
+    if names is None and objective == "classify":
+        raise ModelError(f"student {cfg.student} has no classification head; train or distill it first")
+    for role, source in models.items():
+        if task_label_names(objective, configs[role]) != names or bool(biencoder_settings(configs[role])) != (
+                objective == "match"):
+            raise ModelError(f"{role} {source} is not the same kind of model as the student (labels or towers "
+                             "differ); evaluate models trained for the same task")
+    tokenizer = load_tokenizer(cfg.teacher or cfg.student, "teacher" if cfg.teacher else "student")
+    table = load_table(cfg.data.eval, cfg.data.text_columns, cfg.data.label_column if names else None,
+                       cfg.data.max_eval_samples)
+    encoded = tokenize(tokenizer, table, max_tokens(cfg.data.max_length, *configs.values()), None,
+                       apart=objective == "match")
     result: dict[str, Any] = {"data": {"source": table.source, "fingerprint": table.fingerprint, "n": len(table)},
                               "label_names": names, "device": str(device)}
-    logits = {}
+    score = _classification if names else _retrieval
+    outputs = {}
     for role, source in models.items():
-        if label_names_of(configs[role]) != names:
-            raise ModelError(f"{role} {source} has labels {label_names_of(config)} but the student has {names}; "
-                             "evaluate models trained on the same labels")
-        model = build_model("classify", source).to(device)
-        logits[role] = predict_logits(model, tokenizer, encoded, cfg.batch_size, device)
-        result[role] = {"source": source, **classification_metrics(logits[role], labels, names, cfg.ece_bins)}
+        metrics, outputs[role] = score(cfg, objective, source, tokenizer, encoded, table, names, device)
+        result[role] = {"source": source, **metrics}
     if cfg.teacher:
-        result["comparison"] = compare(result["student"], result["teacher"], logits["student"], logits["teacher"])
+        result["comparison"] = compare(result["student"], result["teacher"], outputs["student"], outputs["teacher"])
     out = Path(cfg.output) if cfg.output else Path(cfg.student) / "eval.json"
     atomic_write_json(out, result)
     result["output"] = str(out)
     return result
 
 
+def _classification(cfg: EvalConfig, objective: str, source: str, tokenizer: Any, encoded: Encoded, table: Any,
+                    names: list[str], device: torch.device) -> tuple[dict[str, Any], torch.Tensor]:
+    from kdship.data import encode_labels
+    from kdship.models import build_model
+
+    model = build_model(objective, source).to(device)
+    logits = predict_logits(model, tokenizer, encoded, cfg.batch_size, device)
+    labels = torch.tensor(encode_labels(table.raw_labels, names, table.source))
+    return classification_metrics(logits, labels, names, cfg.ece_bins), logits
+
+
+def _retrieval(cfg: EvalConfig, objective: str, source: str, tokenizer: Any, encoded: Encoded, table: Any,
+               names: None, device: torch.device) -> tuple[dict[str, Any], torch.Tensor]:
+    """Retrieval metrics, and the similarity of every left side to every right side (for agreement)."""
+    from kdship.biencoder import embed_pairs, retrieval_metrics
+    from kdship.models import build_model
+
+    left, right = embed_pairs(build_model(objective, source).to(device), tokenizer, encoded, cfg.batch_size, device)
+    scores = torch.nn.functional.normalize(left, dim=-1) @ torch.nn.functional.normalize(right, dim=-1).T
+    return {**retrieval_metrics(left, right), "n": len(left)}, scores
+
+
 def print_eval(result: dict[str, Any]) -> None:
-    """A rich table: one column per model, then the per-class table of the student."""
+    """A rich table: one column per model, then (for classifiers) the per-class table of the student."""
     from kdship.ui import console
     from rich.table import Table
 
@@ -136,17 +167,24 @@ def print_eval(result: dict[str, Any]) -> None:
     table.add_column("metric")
     for role in roles:
         table.add_column(role, justify="right")
-    for metric in ("accuracy", "macro_f1", "ece"):
+    headline = ("accuracy", "macro_f1", "ece") if result["label_names"] else ("recall_at_1", "recall_at_5", "mrr")
+    for metric in headline:
         table.add_row(metric, *(f"{result[r][metric]:.4f}" for r in roles))
     for metric, value in result.get("comparison", {}).items():
         table.add_row(metric, *([""] * (len(roles) - 1)), f"{value:.4f}")
-    per_class = Table(title="student per class")
-    for col in ("label", "precision", "recall", "f1", "support"):
-        per_class.add_column(col, justify="left" if col == "label" else "right")
-    for name, row in result["student"]["per_class"].items():
-        per_class.add_row(name, f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}",
-                          str(row["support"]))
     out = console()
     out.print(table)
-    out.print(per_class)
+    if result["label_names"]:
+        out.print(_per_class_table(result["student"]["per_class"]))
     out.print(f"wrote {result['output']}")
+
+
+def _per_class_table(per_class: dict[str, dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="student per class")
+    for col in ("label", "precision", "recall", "f1", "support"):
+        table.add_column(col, justify="left" if col == "label" else "right")
+    for name, row in per_class.items():
+        table.add_row(name, f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"]))
+    return table

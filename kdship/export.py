@@ -22,7 +22,12 @@ MANIFEST = "manifest.json"
 def _student(cfg: ExportConfig) -> tuple[Any, Any, dict[str, Any]]:
     from kdship.models import build_model, label_names_of, load_config, load_tokenizer
 
+    from kdship.biencoder import biencoder_settings
+
     config = load_config(cfg.student, "student")
+    if biencoder_settings(config):
+        raise ModelError(f"{cfg.student} is a dual-tower (match) model; export takes classifiers only for now: "
+                         "export a model made with --objective classify")
     if label_names_of(config) is None:
         raise ModelError(f"{cfg.student} is not a classifier (no trained classification head); export a model "
                          "made by `kdship train` or `kdship distill`")

@@ -85,9 +85,12 @@ class Objective:
     step_fn: Callable[[dict[str, Any], float, list[int]], tuple[torch.Tensor, dict[str, float]]]
     evaluate: Callable[[], dict[str, float]] | None  # None without eval data: the last weights are kept
     members: list[Member]
+    # state that is not trained but must survive a resume (e.g. sample-selection scores), checkpointed with it
+    memory: dict[str, nn.Module] = field(default_factory=dict)
 
     def trainable(self) -> nn.ModuleDict:
-        return nn.ModuleDict({m.name: m.module for m in self.members})
+        return nn.ModuleDict({m.name: m.module for m in self.members} | {f"memory_{k}": v for k, v in
+                                                                           self.memory.items()})
 
 
 def _optimizer(cfg: RunConfig, members: list[Member]) -> torch.optim.Optimizer:

@@ -140,17 +140,32 @@ def label_names_of(config: Any) -> list[str] | None:
     return [str(config.id2label[i]) for i in range(config.num_labels)]
 
 
+def task_label_names(objective: str, config: Any) -> list[str] | None:
+    """The labels a model was trained on, for an objective that reads labels: a classifier's, or those of a
+    bi-encoder that classifies pairs. None when there are none (yet)."""
+    from kdship.biencoder import biencoder_settings
+
+    if objective == "match":
+        return (biencoder_settings(config) or {}).get("label_names")
+    return label_names_of(config) if objective == "classify" else None
+
+
 def build_model(objective: str, source: str | None = None, config: Any = None, label_names: list[str] | None = None,
                 attn_eager: bool = False) -> Any:
-    """A classifier (objective 'classify') or masked-LM from a folder/hub id (`source`) or a fresh `config`."""
+    """A classifier (objective 'classify'), masked-LM, or bi-encoder ('match', see kdship.biencoder) from a
+    folder/hub id (`source`) or a fresh `config`."""
     from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 
     auto = AutoModelForSequenceClassification if objective == "classify" else AutoModelForMaskedLM
     kwargs: dict[str, Any] = {"attn_implementation": "eager"} if attn_eager else {}
-    if label_names is not None:
-        kwargs |= {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
-                   "label2id": {n: i for i, n in enumerate(label_names)}}
     try:
+        if objective == "match":
+            from kdship.biencoder import build_biencoder
+
+            return build_biencoder(source, config, label_names, kwargs)
+        if label_names is not None:
+            kwargs |= {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+                       "label2id": {n: i for i, n in enumerate(label_names)}}
         if source is None:
             for key, value in kwargs.items():
                 setattr(config, "_attn_implementation" if key == "attn_implementation" else key, value)

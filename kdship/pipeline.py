@@ -62,7 +62,8 @@ def _students_from(p: PipelineConfig, previous: Path | None) -> dict[str, Any]:
 def _element_signature(cfg: DistillConfig) -> dict[str, Any]:
     """What progressive distillation varies: the teacher, the data, the objective (kind and losses)."""
     return {"teacher": cfg.teacher, "data": (cfg.data.train, tuple(cfg.data.text_columns or ())),
-            "objective": (cfg.objective, tuple(sorted(loss.name for loss in cfg.losses)))}
+            "objective": (cfg.objective, cfg.match_loss if cfg.objective == "match" else None,
+                          tuple(sorted(loss.name for loss in cfg.losses)))}
 
 
 def resolve(p: PipelineConfig) -> list[Stage]:
@@ -104,7 +105,7 @@ def preflight(stages: list[Stage]) -> None:
         cfg = stage.config
         try:
             _teacher_config(cfg)
-            label = cfg.data.label_column if cfg.objective == "classify" else None
+            label = cfg.data.label_column if cfg.labelled else None
             load_table(cfg.data.train, cfg.data.text_columns, label, max_samples=2)
         except KdshipError as e:
             raise type(e)(f"stage {stage.spec.name!r}: {e}") from None

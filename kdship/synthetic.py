@@ -61,3 +61,33 @@ def write_split(path: Path, n: int, seed: int, compositional: bool = True) -> Pa
     rows = ["sentence\tlabel"] + [f"{t}\t{LABELS[y]}" for t, y in examples]
     atomic_write_text(path, "\n".join(rows) + "\n")
     return path
+
+
+def paraphrase(rng: random.Random, text: str) -> str:
+    """The same statement in other words: verbs swapped for other linking verbs, intensifiers dropped or added,
+    an opener added or removed. Nouns, adjectives and negations stay, so the meaning does."""
+    words = [w for w in text.split() if w not in INTENSIFIERS]
+    out = []
+    for w in words:
+        out.append(rng.choice(VERBS) if w in VERBS else w)
+        if w in VERBS and rng.random() < 0.3:
+            out.append(rng.choice(INTENSIFIERS))
+    rephrased = " ".join(out)
+    opener = next((o for o in OPENERS if rephrased.startswith(o)), None)
+    if opener:
+        return rephrased.removeprefix(opener).strip()
+    return f"{rng.choice(OPENERS)} {rephrased}" if rng.random() < 0.5 else rephrased
+
+
+def write_pairs(path: Path, n: int, seed: int, labelled: bool = False) -> Path:
+    """A sentence-pair TSV (`sentence1<TAB>sentence2`) for dual-tower matching: paraphrase pairs; with `labelled`,
+    half of the pairs are two unrelated sentences and a label column says which (paraphrase / different)."""
+    rng = random.Random(seed)
+    rows = ["sentence1\tsentence2" + ("\tlabel" if labelled else "")]
+    for _ in range(n):
+        left = sentence(rng)[0]
+        same = not labelled or rng.random() < 0.5
+        right = paraphrase(rng, left) if same else sentence(rng)[0]
+        rows.append(f"{left}\t{right}" + (f"\t{'paraphrase' if same else 'different'}" if labelled else ""))
+    atomic_write_text(path, "\n".join(rows) + "\n")
+    return path

@@ -18,11 +18,11 @@ from kdship.errors import ConfigError, ModelError
 from kdship.evaluate import classification_metrics, mlm_loss, predict_logits
 from kdship.loop import (LoopState, Member, Objective, autocast_for, best_dir, fit, pick_device,
                          run_dir_for_output, seed_everything, total_steps_for)
-from kdship.losses import LossInputs, get_loss
-from kdship.techniques.reverse import reverse_alpha
-from kdship.techniques.selection import Selector, candidates_per_step, per_example_loss
-from kdship.models import (build_model, config_from_spec, is_mlm, label_names_of, load_config, load_tokenizer,
-                           max_tokens)
+from kdship.biencoder import embed_pairs, retrieval_metrics
+from kdship.techniques.reverse import ReverseDistillation
+from kdship.techniques.selection import build_selector, candidate_batches, rows_of
+from kdship.techniques.small_model import load_small_model
+from kdship.models import build_model, config_from_spec, load_config, load_tokenizer, max_tokens, task_label_names
 from kdship.tokenizer import train_wordpiece
 
 
@@ -41,7 +41,7 @@ def load_run_data(cfg: RunConfig, tokenizer: Any, label_names: list[str] | None,
     labels checked against the model's label names."""
     if not cfg.data.train:
         raise ConfigError("no training data; pass --data FILE (or data.train in the recipe)")
-    labelled = cfg.objective == "classify"
+    labelled = cfg.labelled
     label_col = cfg.data.label_column if labelled else None
     train_table = load_table(cfg.data.train, cfg.data.text_columns, label_col, cfg.data.max_train_samples)
     eval_table = (load_table(cfg.data.eval, cfg.data.text_columns, label_col, cfg.data.max_eval_samples)
@@ -53,7 +53,8 @@ def load_run_data(cfg: RunConfig, tokenizer: Any, label_names: list[str] | None,
                              f"{len(data_names)}; use a model trained on the same labels")
         label_names = label_names or data_names
     encode = lambda t: tokenize(tokenizer, t, max_length,  # noqa: E731
-                                encode_labels(t.raw_labels, label_names, t.source) if labelled else None)
+                                encode_labels(t.raw_labels, label_names, t.source) if labelled else None,
+                                apart=cfg.objective == "match")
     return RunData(encode(train_table), encode(eval_table) if eval_table else None, train_table, eval_table,
                    label_names if labelled else None, max_length)
 
@@ -76,6 +77,9 @@ def model_evaluator(cfg: RunConfig, model: nn.Module, tokenizer: Any, data: RunD
     if cfg.objective == "mlm":
         return (lambda: {"mlm_loss": mlm_loss(model, tokenizer, data.eval, cfg.eval_batch_size, device,
                                               mlm_collator)}), "mlm_loss", False
+    if not cfg.labelled:  # in-batch matching: each eval pair's left side retrieves among all right sides
+        return (lambda: retrieval_metrics(*embed_pairs(model, tokenizer, data.eval, cfg.eval_batch_size, device,
+                                                       autocast))), "recall_at_1", True
     labels = torch.tensor(data.eval.labels)
 
     def accuracy() -> dict[str, float]:
@@ -156,85 +160,50 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         return _train(cfg, Path(cfg.output), run_dir)
 
 
-def _small_model(source: str, cfg: TrainConfig, tokenizer: Any, large: nn.Module, device: torch.device) -> nn.Module:
-    """The small model of reverse distillation or sample selection: same tokenizer, same outputs as the large one."""
-    from kdship.models import check_tokenizers_match
-
-    config = load_config(source, "small model")
-    check_tokenizers_match(tokenizer, load_tokenizer(source, "small model"), source)
-    large_labels = [str(large.config.id2label[i]) for i in range(large.config.num_labels)]
-    if cfg.objective == "classify" and label_names_of(config) != large_labels:
-        raise ModelError(f"small model {source} has labels {label_names_of(config)} but the model being trained has "
-                         f"{large_labels}; use a small model fine-tuned on the same labels")
-    if cfg.objective == "mlm" and (not is_mlm(config) or config.vocab_size != large.config.vocab_size):
-        raise ModelError(f"small model {source} needs a masked-LM head over the same {large.config.vocab_size}-token "
-                         "vocabulary; use a small model made with kdship train --objective mlm and this tokenizer")
-    small = build_model(cfg.objective, source=source).to(device).eval()
-    small.requires_grad_(False)
-    return small
-
-
-def _selector(cfg: TrainConfig, model: nn.Module, tokenizer: Any, data: RunData, device: torch.device,
-              autocast: Any) -> Selector:
-    small = _small_model(cfg.select_by, cfg, tokenizer, model, device)
-    small_losses = None
-    if cfg.objective == "classify":  # fixed inputs: the small model's losses are computed once
-        logits = predict_logits(small, tokenizer, data.train, cfg.eval_batch_size, device, autocast)
-        small_losses = per_example_loss(logits, torch.tensor(data.train.labels))
-    return Selector(small, model, cfg.select_ratio, cfg.select_mode, cfg.select_refresh, len(data.train.features),
-                    small_losses, autocast)
-
-
 def _train(cfg: TrainConfig, output: Path, run_dir: Path) -> dict[str, Any]:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     autocast = autocast_for(device, cfg.precision)
     tokenizer = _tokenizer_for(cfg, run_dir)
     source_config = load_config(cfg.model, "model") if cfg.model else config_from_spec(cfg.init)
-    label_names = label_names_of(source_config) if cfg.objective == "classify" else None
-    data = load_run_data(cfg, tokenizer, label_names, max_tokens(cfg.data.max_length, source_config))
+    data = load_run_data(cfg, tokenizer, task_label_names(cfg.objective, source_config),
+                         max_tokens(cfg.data.max_length, source_config))
     model = _build_train_model(cfg, tokenizer, data).to(device)
     collator = mlm_collator_for(cfg, tokenizer)
     evaluate, metric, higher = model_evaluator(cfg, model, tokenizer, data, device, autocast, collator)
 
-    loop_cfg = cfg.model_copy(update={"batch_size": candidates_per_step(cfg.batch_size, cfg.select_ratio)}) \
-        if cfg.select_by else cfg
+    loop_cfg = candidate_batches(cfg)
     total, _ = total_steps_for(loop_cfg, len(data.train.features))
     if cfg.reverse_steps and cfg.reverse_steps > total:
         raise ConfigError(f"reverse_steps {cfg.reverse_steps} is longer than the run ({total} steps); lower "
                           "--reverse-steps or train longer")
-    reverse = _small_model(cfg.reverse_from, cfg, tokenizer, model, device) if cfg.reverse_from else None
-    selector = _selector(cfg, model, tokenizer, data, device, autocast) if cfg.select_by else None
-    kd = get_loss("kd")
+    reverse = ReverseDistillation(
+        load_small_model(cfg.reverse_from, "small model", cfg, tokenizer, model, device), model, cfg.reverse_steps,
+        cfg.reverse_schedule, cfg.reverse_start, cfg.reverse_temperature, cfg.reverse_hidden, autocast
+    ) if cfg.reverse_from else None
+    selector = build_selector(cfg, model, tokenizer, data.train, device, autocast) if cfg.select_by else None
 
     def step(batch: dict[str, Any], progress: float, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         batch = {k: v.to(device) for k, v in batch.items()}
         step_no = round(progress * total)
-        weights = None
         if selector is not None:
-            batch, weights = selector.choose(batch, indices, step_no)
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        with autocast():  # weighted selection takes per-example losses, so the model need not reduce them
-            out = model(**(batch if weights is None else inputs))
-        task = out.loss if weights is None else (per_example_loss(out.logits, batch["labels"]) * weights).mean()
-        logs = {"loss": task.detach()}
-        alpha = reverse_alpha(step_no, cfg.reverse_steps, cfg.reverse_schedule, cfg.reverse_start) if reverse else 0.0
-        if alpha > 0:  # the small model is asked only while it still has a say
-            with torch.no_grad(), autocast():
-                small_logits = reverse(**inputs).logits
-            distill = kd.fn(LossInputs(student_logits=out.logits, teacher_logits=small_logits,
-                                       labels=batch["labels"], temperature=cfg.reverse_temperature))
-            logs |= {"alpha": alpha, "reverse_kd": distill.detach()}
-            return (1 - alpha) * task + alpha * distill, logs
-        return task, logs
+            batch = rows_of(batch, selector.choose(batch, indices, step_no))
+        with autocast():
+            out = model(**batch, output_hidden_states=bool(reverse and reverse.wants_hidden(step_no)))
+        if reverse is not None and reverse.alpha(step_no) > 0:  # the small model is run only while it has a say
+            return reverse.loss(out.loss, out, batch, step_no)
+        return out.loss, {"loss": out.loss.detach()}
 
-    objective = Objective(step, evaluate, [Member("model", model, model.save_pretrained, metric, higher)])
+    trained = nn.ModuleDict({"model": model, "projections": reverse.projections}) if reverse else model
+    memory = {"selection": selector.memory} if selector else {}
+    objective = Objective(step, evaluate, [Member("model", trained, model.save_pretrained, metric, higher)], memory)
     state = fit(loop_cfg, objective, data.train, tokenizer, run_dir, collator, "train", data_record(data))
     record = {"command": "train", "config": to_record(cfg), "data": data_record(data), "device": str(device),
               "model": {"source": cfg.model or cfg.init, "parameters": sum(p.numel() for p in model.parameters())}}
     if reverse is not None:
         record["reverse"] = {"from": cfg.reverse_from, "steps": cfg.reverse_steps, "schedule": cfg.reverse_schedule,
-                             "temperature": cfg.reverse_temperature, "start": cfg.reverse_start}
+                             "temperature": cfg.reverse_temperature, "start": cfg.reverse_start,
+                             "hidden_weight": cfg.reverse_hidden, "layer_pairs": reverse.pairs}
     if selector is not None:
         record["selection"] = {"by": cfg.select_by, "candidates_per_step": loop_cfg.batch_size,
                                **selector.summary()}

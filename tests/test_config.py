@@ -65,6 +65,7 @@ def test_every_shipped_recipe_is_valid(recipe, tmp_path):
 
 # kdship train recipes, with the flags their usage line gives on the command line
 TRAIN_RECIPES = {"reverse_warmup.yaml": {"init": "bert:layers=2", "reverse_from": "runs/small-mlm"},
+                 "reverse_warmup_match.yaml": {"init": "bert:layers=2", "reverse_from": "runs/small-match"},
                  "sample_value.yaml": {"model": "runs/large-base", "select_by": "runs/small-sst2"}}
 
 

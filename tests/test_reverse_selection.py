@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from conftest import TINY_TEACHER, kdship, kdship_ok
+from conftest import kdship, kdship_ok
 from kdship.techniques.reverse import reverse_alpha
-from kdship.techniques.selection import Selector, per_example_loss, select_topk, value_weights
+from kdship.techniques.selection import Selector, per_example_loss, select_topk, select_weighted
 
 
 @pytest.mark.parametrize("schedule, expected", [
@@ -31,9 +31,14 @@ def test_select_topk_picks_exactly_the_highest_values():
     assert sorted(select_topk(values, 1.0).tolist()) == list(range(6))
 
 
-def test_value_weights_keep_the_mean_and_favour_high_values():
-    w = value_weights(torch.tensor([0.0, 1.0, 2.0]))
-    assert w.mean().item() == pytest.approx(1.0) and w[2] > w[1] > w[0]
+def test_select_weighted_draws_the_ratio_without_repeats_favouring_high_values():
+    values = torch.tensor([0.0, 0.0, 0.0, 0.0, 4.0, 4.0, 4.0, 4.0])
+    draw = lambda seed: select_weighted(values, 0.5, torch.Generator().manual_seed(seed))  # noqa: E731
+    assert draw(3).tolist() == draw(3).tolist()  # seeded: a resumed run draws the same rows
+    picks = [draw(seed).tolist() for seed in range(200)]
+    assert all(len(p) == 4 == len(set(p)) for p in picks)
+    high = sum(i >= 4 for p in picks for i in p) / (4 * len(picks))
+    assert 0.9 < high < 1.0  # e^4 times likelier, yet the low-value samples keep a chance
 
 
 def test_per_example_loss_for_classification_and_mlm():
@@ -66,8 +71,7 @@ def test_selector_trains_on_the_samples_the_small_model_knows_and_the_large_does
     small = Fixed(torch.stack([confident, unsure, confident, unsure]))  # small knows 0 and 2
     batch = {"input_ids": torch.tensor([[0], [1], [2], [3]]), "labels": labels}
     selector = Selector(small, large, ratio=0.25, mode="topk", refresh=1, n_examples=4, small_losses=None)
-    chosen, weights = selector.choose(batch, [0, 1, 2, 3], step=0)
-    assert weights is None and chosen["input_ids"][:, 0].tolist() == [0]  # large wrong, small right: most valuable
+    assert selector.choose(batch, [0, 1, 2, 3], step=0).tolist() == [0]  # large wrong, small right: most valuable
     assert selector.summary()["selected"] == 1 and selector.summary()["candidates"] == 4
 
 
@@ -87,11 +91,14 @@ def _large_args(data_dir, teacher_dir, out, *extra):
 
 
 def test_reverse_distillation_end_to_end_with_resume(data_dir, teacher_dir, small_model, tmp_path):
-    extra = ["--reverse-from", str(small_model), "--reverse-steps", "6", "--reverse-schedule", "cosine"]
+    extra = ["--reverse-from", str(small_model), "--reverse-steps", "6", "--reverse-schedule", "cosine",
+             "--reverse-hidden", "0.5"]
     kdship_ok(*_large_args(data_dir, teacher_dir, tmp_path / "large", *extra))
     record = json.loads((tmp_path / "large" / "kdship.json").read_text())
+    # hidden matching: the small model's embeddings and 1 layer against the large one's embeddings and layer 2
     assert record["reverse"] == {"from": str(small_model), "steps": 6, "schedule": "cosine", "temperature": 2.0,
-                                 "start": 1.0}
+                                 "start": 1.0, "hidden_weight": 0.5, "layer_pairs": [[0, 0], [2, 1]]}
+    assert "projections" not in (tmp_path / "large" / "model.safetensors").read_bytes().decode("latin-1")
     assert record["training"]["steps"] == 12 and "accuracy" in record["metrics"]
     # resume: a run stopped at a checkpoint (step 8) reaches the same weights as the straight one
     stopped = _large_args(data_dir, teacher_dir, tmp_path / "resumed", *extra)
@@ -129,13 +136,25 @@ def test_sample_value_selection_end_to_end(data_dir, teacher_dir, small_model, t
     assert selection["candidates_per_step"] == 16 and selection["candidates"] == 12 * 16
     assert selection["selected"] == 12 * 8
     assert selection["mean_value_selected"] > selection["mean_value_rejected"]
-    args = _large_args(data_dir, teacher_dir, tmp_path / "weighted", "--select-by", str(small_model),
-                       "--select-mode", "weighted", "--select-refresh", "100")
-    args[args.index("--max-steps") + 1] = "40"  # 25 steps an epoch: the second epoch reuses the first's scores
-    kdship_ok(*args)
+
+    def weighted_args(out):
+        args = _large_args(data_dir, teacher_dir, out, "--select-by", str(small_model), "--select-mode", "weighted",
+                           "--select-refresh", "100")
+        args[args.index("--max-steps") + 1] = "40"  # 25 steps an epoch: the second epoch reuses the first's scores
+        return args
+
+    kdship_ok(*weighted_args(tmp_path / "weighted"))
     weighted = json.loads((tmp_path / "weighted" / "kdship.json").read_text())["selection"]
-    assert weighted["selected"] == weighted["candidates"] == 40 * 16
+    assert weighted["candidates"] == 40 * 16 and weighted["selected"] == 40 * 8
     assert weighted["large_scoring_rows"] == 400  # every example scored once, then reused within 100 steps
+    # scores and counts are checkpointed: a run resumed at step 4 selects what the straight one did
+    _interrupt_after_checkpoint(weighted_args(tmp_path / "resumed"), tmp_path / ".resumed.kdship-run" / "checkpoint.pt")
+    kdship_ok(*weighted_args(tmp_path / "resumed"), "--resume")
+    assert json.loads((tmp_path / "resumed" / "kdship.json").read_text())["selection"] == weighted
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("weighted", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_reverse_and_selection_bad_inputs(data_dir, teacher_dir, small_model, tmp_path):

@@ -4,7 +4,6 @@ metrics, graceful shutdown; predictions equal kdship eval's (PyTorch) on the sam
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess

@@ -72,6 +72,11 @@ def model_file(folder: Path, backend: Backend, variant: str | None) -> Path:
         if not any(folder.glob("*.safetensors")) and not (folder / "pytorch_model.bin").exists():
             raise ModelError(f"backend {backend.name!r} needs a PyTorch model folder (with model.safetensors); "
                              f"{folder} has none: pass the student folder, or use an ONNX backend")
+        from kdship.biencoder import SETTINGS_KEY
+
+        config = folder / "config.json"
+        if config.is_file() and SETTINGS_KEY in json.loads(config.read_text()):
+            raise ModelError(f"{folder} is a dual-tower (match) model; bench and serve take classifiers only for now")
         return folder
     manifest = read_manifest(folder)
     if manifest is None:

@@ -1,15 +1,19 @@
 """Sample-value selection: a small trained model judges which samples are worth a gradient step for the large one.
 value(x) = loss_large(x) - loss_small(x): high when the large model has not yet learnt what the small model already
 knows (the "reducible holdout loss" of RHO-LOSS, Mindermann et al. 2022). Each step scores an over-sampled batch
-and trains on the top fraction (topk) or on all samples weighted by value (weighted)."""
+and trains on the top fraction (topk) or on a fraction drawn with probability softmax(value) (weighted)."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from kdship.config import RunConfig
+from kdship.data import Encoded
 
 
 def per_example_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -22,15 +26,29 @@ def per_example_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return (token * masked).sum(1) / masked.sum(1).clamp_min(1.0)
 
 
+def example_losses(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Each example's loss under `model`: against its label, its masked tokens, or (in-batch matching, where a
+    batch has no labels) its own partner among the batch's."""
+    from kdship.biencoder import targets
+
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    return per_example_loss(logits, targets(batch, logits))
+
+
 def select_topk(values: Tensor, ratio: float) -> Tensor:
     """Indices of the ceil(ratio·n) highest values, highest first."""
-    k = max(1, math.ceil(ratio * values.numel()))
-    return torch.topk(values, k).indices
+    return torch.topk(values, _kept(values, ratio)).indices
 
 
-def value_weights(values: Tensor) -> Tensor:
-    """Weights ∝ softmax(value), scaled to mean 1, so the loss keeps its size while valuable samples count more."""
-    return torch.softmax(values.float(), 0) * values.numel()
+def select_weighted(values: Tensor, ratio: float, generator: torch.Generator) -> Tensor:
+    """ceil(ratio·n) indices drawn without replacement with probability softmax(value): valuable samples are
+    likelier, every sample keeps a chance (less brittle than top-k when the small model is wrong)."""
+    return torch.multinomial(torch.softmax(values.float(), 0), _kept(values, ratio), replacement=False,
+                             generator=generator)
+
+
+def _kept(values: Tensor, ratio: float) -> int:
+    return max(1, math.ceil(ratio * values.numel()))
 
 
 def candidates_per_step(batch_size: int, ratio: float) -> int:
@@ -38,66 +56,102 @@ def candidates_per_step(batch_size: int, ratio: float) -> int:
     return math.ceil(batch_size / ratio)
 
 
+def rows_of(batch: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
+    rows = rows.to(batch["input_ids"].device)
+    return {k: v[rows] for k, v in batch.items()}
+
+
+COUNTS = ("candidates", "selected", "large_scoring_rows", "value_selected_sum", "value_rejected_sum")
+
+
 class Selector:
     """Scores each over-sampled batch and keeps the valuable samples. The small model's losses are computed once
-    when the inputs are fixed (classification); with random masking (MLM) they are computed per batch. The large
-    model re-scores a sample at most every `refresh` steps."""
+    when an example's loss depends on it alone (classification); otherwise (random masking, in-batch negatives)
+    per batch. The trained model re-scores a sample at most every `refresh` steps."""
 
     def __init__(self, small: torch.nn.Module, large: torch.nn.Module, ratio: float, mode: str, refresh: int,
-                 n_examples: int, small_losses: Tensor | None, autocast=None):
+                 n_examples: int, small_losses: Tensor | None, autocast=None, seed: int = 0):
         self.small, self.large = small, large
         self.autocast = autocast
-        self.ratio, self.mode, self.refresh = ratio, mode, refresh
+        self.ratio, self.mode, self.refresh, self.seed = ratio, mode, refresh, seed
         self.small_losses = small_losses
-        self.large_losses = torch.zeros(n_examples)
-        self.scored_at = torch.full((n_examples,), -(10**9), dtype=torch.long)
-        self.stats = {"candidates": 0, "selected": 0, "large_scoring_rows": 0, "value_selected_sum": 0.0,
-                      "value_rejected_sum": 0.0}
+        # Buffers, not attributes: the loop checkpoints them, so a resumed run reuses scores and keeps its counts.
+        self.memory = torch.nn.Module()
+        self.memory.register_buffer("large_losses", torch.zeros(n_examples))
+        self.memory.register_buffer("scored_at", torch.full((n_examples,), -(10**9), dtype=torch.long))
+        self.memory.register_buffer("counts", torch.zeros(len(COUNTS), dtype=torch.float64))
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return dict(zip(COUNTS, self.memory.counts.tolist()))
+
+    def _count(self, **amounts: float) -> None:
+        for name, amount in amounts.items():
+            self.memory.counts[COUNTS.index(name)] += amount
 
     @torch.no_grad()
     def _score(self, model: torch.nn.Module, batch: dict[str, Tensor], rows: Tensor) -> Tensor:
         was_training = model.training
         model.eval()  # no dropout noise in the scores
-        inputs = {k: v[rows] for k, v in batch.items() if k != "labels"}
         with self.autocast() if self.autocast else torch.autocast("cpu", enabled=False):
-            logits = model(**inputs).logits
-        losses = per_example_loss(logits, batch["labels"][rows]).cpu()
+            losses = example_losses(model, rows_of(batch, rows)).cpu()
         model.train(was_training)
         return losses
 
     def values(self, batch: dict[str, Tensor], indices: list[int], step: int) -> Tensor:
         idx = torch.tensor(indices)
-        everyone = torch.arange(len(indices), device=batch["input_ids"].device)
-        stale = (step - self.scored_at[idx]) >= self.refresh
+        memory = self.memory
+        stale = (step - memory.scored_at[idx]) >= self.refresh
         if stale.any():
-            rows = everyone[stale.to(everyone.device)]
-            self.large_losses[idx[stale]] = self._score(self.large, batch, rows)
-            self.scored_at[idx[stale]] = step
-            self.stats["large_scoring_rows"] += int(stale.sum())
-        small = self.small_losses[idx] if self.small_losses is not None else self._score(self.small, batch, everyone)
-        return self.large_losses[idx] - small
+            memory.large_losses[idx[stale]] = self._score(self.large, batch, torch.arange(len(idx))[stale])
+            memory.scored_at[idx[stale]] = step
+            self._count(large_scoring_rows=int(stale.sum()))
+        small = (self.small_losses[idx] if self.small_losses is not None
+                 else self._score(self.small, batch, torch.arange(len(idx))))
+        return memory.large_losses[idx] - small
 
-    def choose(self, batch: dict[str, Tensor], indices: list[int], step: int) -> tuple[dict[str, Tensor], Tensor | None]:
-        """(the batch to train on, per-example weights or None)."""
+    def choose(self, batch: dict[str, Tensor], indices: list[int], step: int) -> Tensor:
+        """The rows of the batch that get the gradient step. Weighted draws are seeded by step, so a resumed run
+        draws what the uninterrupted one did."""
         values = self.values(batch, indices, step)
-        self.stats["candidates"] += len(indices)
         if self.mode == "weighted":
-            self.stats["selected"] += len(indices)
-            self.stats["value_selected_sum"] += float(values.sum())
-            return batch, value_weights(values).to(batch["input_ids"].device)
-        keep = select_topk(values, self.ratio)
+            keep = select_weighted(values, self.ratio, torch.Generator().manual_seed(self.seed * 1_000_003 + step))
+        else:
+            keep = select_topk(values, self.ratio)
         rejected = torch.ones(len(values), dtype=torch.bool)
         rejected[keep] = False
-        self.stats["selected"] += len(keep)
-        self.stats["value_selected_sum"] += float(values[keep].sum())
-        self.stats["value_rejected_sum"] += float(values[rejected].sum())
-        rows = keep.to(batch["input_ids"].device)
-        return {k: v[rows] for k, v in batch.items()}, None
+        self._count(candidates=len(indices), selected=len(keep), value_selected_sum=float(values[keep].sum()),
+                    value_rejected_sum=float(values[rejected].sum()))
+        return keep
 
     def summary(self) -> dict[str, float]:
         s = self.stats
         rejected = s["candidates"] - s["selected"]
-        return {"mode": self.mode, "ratio": self.ratio, "refresh": self.refresh, "candidates": s["candidates"],
-                "selected": s["selected"], "large_scoring_rows": s["large_scoring_rows"],
+        return {"mode": self.mode, "ratio": self.ratio, "refresh": self.refresh, "candidates": int(s["candidates"]),
+                "selected": int(s["selected"]), "large_scoring_rows": int(s["large_scoring_rows"]),
                 "mean_value_selected": s["value_selected_sum"] / max(s["selected"], 1),
                 "mean_value_rejected": s["value_rejected_sum"] / rejected if rejected else None}
+
+
+def candidate_batches(cfg: RunConfig) -> RunConfig:
+    """The loop's settings under selection: each step draws enough candidates that select_ratio of them fill
+    batch_size."""
+    if not cfg.select_by:
+        return cfg
+    return cfg.model_copy(update={"batch_size": candidates_per_step(cfg.batch_size, cfg.select_ratio)})
+
+
+def build_selector(cfg: RunConfig, large: torch.nn.Module, tokenizer: Any, train: Encoded, device: torch.device,
+                   autocast: Any) -> Selector:
+    """The selector of a run with select_by: the scoring model loaded and checked, and its losses computed once
+    when they cannot change (labelled data)."""
+    from kdship.evaluate import predict_logits
+    from kdship.techniques.small_model import load_small_model
+
+    small = load_small_model(cfg.select_by, "scoring model", cfg, tokenizer, large, device)
+    small_losses = None
+    if cfg.labelled:
+        logits = predict_logits(small, tokenizer, train, cfg.eval_batch_size, device, autocast)
+        small_losses = per_example_loss(logits, torch.tensor(train.labels))
+    return Selector(small, large, cfg.select_ratio, cfg.select_mode, cfg.select_refresh, len(train.features),
+                    small_losses, autocast, cfg.seed)
