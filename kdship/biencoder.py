@@ -115,9 +115,9 @@ def token_mask(batch: dict[str, Tensor]) -> Tensor:
 
 
 def build_biencoder(source: str | None = None, config: Any = None, label_names: list[str] | None = None,
-                    encoder_kwargs: dict[str, Any] | None = None) -> BiEncoder:
+                    encoder_kwargs: dict[str, Any] | None = None, keep_head: bool = True) -> BiEncoder:
     """A bi-encoder from a folder or hub id (a kdship bi-encoder, or any encoder, e.g. a sentence-transformers
-    model, whose head is then new) or from a fresh config."""
+    model, whose head is then new) or from a fresh config. keep_head=False drops a saved pair-classification head."""
     from transformers import AutoModel
 
     kwargs = encoder_kwargs or {}
@@ -125,7 +125,7 @@ def build_biencoder(source: str | None = None, config: Any = None, label_names: 
         return BiEncoder(AutoModel.from_config(config, **kwargs), label_names)
     encoder = AutoModel.from_pretrained(source, **kwargs)
     saved = biencoder_settings(encoder.config) or {}
-    names = saved.get("label_names")
+    names = saved.get("label_names") if keep_head else None
     model = BiEncoder(encoder, label_names or names, saved.get("scale", SCALE))
     head = Path(source) / HEAD_WEIGHTS
     if model.classifier is not None and names == model.label_names and head.is_file():

@@ -101,10 +101,16 @@ class RunConfig(Strict):
         return self.objective == "classify" or (self.objective == "match" and self.match_loss == "classify")
 
     @model_validator(mode="after")
-    def _selection_needs_a_loss(self) -> "RunConfig":
+    def _consistent_run(self) -> "RunConfig":
+        if "match_loss" in self.model_fields_set and self.objective != "match":
+            raise ValueError("match_loss applies to objective match only; drop it or set objective: match")
         if self.select_by and self.objective == "features":
             raise ValueError("sample-value selection scores samples by their task loss, which objective features "
                              "does not have; use classify, mlm or match")
+        if self.select_by and self.select_refresh > 1 and self.objective == "match" and not self.labelled:
+            # an in-batch loss depends on the whole batch: a score kept from another batch is not comparable
+            raise ValueError("select_refresh > 1 cannot be used with in-batch matching (a pair's loss depends on "
+                             "its batch); use select_refresh 1")
         return self
 
 
@@ -129,6 +135,8 @@ class TrainConfig(RunConfig):
             raise ValueError("give exactly one of model (a path or hub id) or init (a shape spec)")
         if (self.reverse_from is None) != (self.reverse_steps is None):
             raise ValueError("reverse distillation needs both reverse_from (the small model) and reverse_steps")
+        if self.reverse_hidden and self.reverse_from is None:
+            raise ValueError("reverse_hidden weighs reverse distillation's hidden matching; it needs reverse_from")
         return self
 
 
@@ -400,6 +408,7 @@ class Budgets(Strict):
     """A budgets file (YAML) for `kdship gate`."""
 
     min_accuracy: float | None = Field(None, ge=0, le=1)
+    min_recall_at_1: float | None = Field(None, ge=0, le=1, description="for dual-tower (match) models")
     min_retention: float | None = Field(None, ge=0, le=2)
     min_agreement: float | None = Field(None, ge=0, le=1)
     max_accuracy_drop: float | None = Field(None, ge=0, le=1, description="per export variant, vs PyTorch")

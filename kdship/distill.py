@@ -85,7 +85,8 @@ def _student(cfg: DistillConfig, source: str, head: str, teacher: nn.Module, tok
     tcfg = teacher.config
     if is_shape_spec(source):
         config = config_from_spec(source, base=tcfg)
-        student = build_model(head, config=config, label_names=label_names, attn_eager=eager)
+        student = build_model(head, config=config, label_names=label_names, attn_eager=eager,
+                              match_loss=cfg.match_loss)
     else:
         config = load_config(source, "student")
         if (Path(source) / "tokenizer_config.json").exists() or (Path(source) / "tokenizer.json").exists():
@@ -95,7 +96,8 @@ def _student(cfg: DistillConfig, source: str, head: str, teacher: nn.Module, tok
         if names is not None and label_names is not None and len(names) != len(label_names):
             raise ModelError(f"student {source} has {len(names)} labels but the teacher has {len(label_names)}; "
                              "use a student without a classification head, or one trained on the same labels")
-        student = build_model(head, source=source, label_names=label_names, attn_eager=eager)
+        student = build_model(head, source=source, label_names=label_names, attn_eager=eager,
+                              match_loss=cfg.match_loss)
     layer_map = _layer_map(cfg, student.config.num_hidden_layers, tcfg.num_hidden_layers)
     copied = 0
     if is_shape_spec(source) and cfg.init_from_teacher and student.config.hidden_size == tcfg.hidden_size:
@@ -190,8 +192,8 @@ def _distill(cfg: DistillConfig, tconfig: Any, output: Path, run_dir: Path) -> d
     eager = "attentions" in needs  # fused attention kernels do not return attention maps
     head = head_for(cfg, tconfig)
     tokenizer = load_tokenizer(cfg.teacher, "teacher")
-    label_names = task_label_names(head, tconfig)
-    teacher = build_model(head, source=cfg.teacher, attn_eager=eager).to(device).eval()
+    label_names = task_label_names(head, tconfig) if head != "match" or cfg.labelled else None
+    teacher = build_model(head, source=cfg.teacher, attn_eager=eager, match_loss=cfg.match_loss).to(device).eval()
     teacher.requires_grad_(False)
     sources = student_sources(cfg, tconfig.model_type)
     multi = cfg.students is not None

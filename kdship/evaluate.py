@@ -9,6 +9,7 @@ import torch
 
 from kdship.config import EvalConfig
 from kdship.data import Encoded, iterate_batches
+from kdship.runs import RETRIEVAL_METRICS, headline_metrics
 
 
 @torch.no_grad()
@@ -83,7 +84,7 @@ def compare(student: dict[str, Any], teacher: dict[str, Any], student_logits: to
             teacher_logits: torch.Tensor) -> dict[str, float]:
     """Retention of the headline metric (accuracy, or recall@1 for retrieval) and agreement of the top choices
     (predicted class, or retrieved right side)."""
-    metric = "accuracy" if "accuracy" in student else "recall_at_1"
+    metric = "accuracy" if "accuracy" in student else RETRIEVAL_METRICS[0]  # the headline metric
     return {
         "retention": student[metric] / teacher[metric] if teacher[metric] else 0.0,
         "agreement": student_logits.argmax(-1).eq(teacher_logits.argmax(-1)).float().mean().item(),
@@ -111,8 +112,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if names is None and objective == "classify":
         raise ModelError(f"student {cfg.student} has no classification head; train or distill it first")
     for role, source in models.items():
-        if task_label_names(objective, configs[role]) != names or bool(biencoder_settings(configs[role])) != (
-                objective == "match"):
+        # an in-batch bi-encoder's teacher may be any encoder (e.g. a sentence-transformers model): it is read with
+        # mean pooling, as distillation read it; labelled models must share the student's kind and labels
+        same_kind = names is None or (task_label_names(objective, configs[role]) == names and
+                                      bool(biencoder_settings(configs[role])) == (objective == "match"))
+        if not same_kind:
             raise ModelError(f"{role} {source} is not the same kind of model as the student (labels or towers "
                              "differ); evaluate models trained for the same task")
     tokenizer = load_tokenizer(cfg.teacher or cfg.student, "teacher" if cfg.teacher else "student")
@@ -152,7 +156,8 @@ def _retrieval(cfg: EvalConfig, objective: str, source: str, tokenizer: Any, enc
     from kdship.biencoder import embed_pairs, retrieval_metrics
     from kdship.models import build_model
 
-    left, right = embed_pairs(build_model(objective, source).to(device), tokenizer, encoded, cfg.batch_size, device)
+    model = build_model(objective, source, match_loss="in_batch").to(device)
+    left, right = embed_pairs(model, tokenizer, encoded, cfg.batch_size, device)
     scores = torch.nn.functional.normalize(left, dim=-1) @ torch.nn.functional.normalize(right, dim=-1).T
     return {**retrieval_metrics(left, right), "n": len(left)}, scores
 
@@ -167,8 +172,7 @@ def print_eval(result: dict[str, Any]) -> None:
     table.add_column("metric")
     for role in roles:
         table.add_column(role, justify="right")
-    headline = ("accuracy", "macro_f1", "ece") if result["label_names"] else ("recall_at_1", "recall_at_5", "mrr")
-    for metric in headline:
+    for metric in headline_metrics(result):
         table.add_row(metric, *(f"{result[r][metric]:.4f}" for r in roles))
     for metric, value in result.get("comparison", {}).items():
         table.add_row(metric, *([""] * (len(roles) - 1)), f"{value:.4f}")

@@ -12,7 +12,7 @@ from typing import Any
 from kdship.artifacts import atomic_write_json, atomic_write_text, read_json
 from kdship.config import Budgets, GateConfig, SpeedBudget, build_config
 from kdship.errors import CheckFailed, ConfigError
-from kdship.runs import Runs, collect
+from kdship.runs import Runs, collect, headline_metrics
 
 
 @dataclass
@@ -29,18 +29,23 @@ class Check:
 
 
 def _eval_checks(budgets: Budgets, runs: Runs) -> list[Check]:
-    wanted = {"min_accuracy": budgets.min_accuracy, "min_retention": budgets.min_retention,
-              "min_agreement": budgets.min_agreement}
+    wanted = {"min_accuracy": budgets.min_accuracy, "min_recall_at_1": budgets.min_recall_at_1,
+              "min_retention": budgets.min_retention, "min_agreement": budgets.min_agreement}
     if all(v is None for v in wanted.values()):
         return []
     ev = runs.main_eval()
     if ev is None:
         raise ConfigError("accuracy budgets need an eval.json (kdship eval) among the run folders")
-    measured = {"min_accuracy": ev["student"]["accuracy"], **{f"min_{k}": v for k, v in ev.get("comparison", {}).items()}}
+    headline = headline_metrics(ev)[0]
+    measured = {f"min_{headline}": ev["student"][headline],
+                **{f"min_{k}": v for k, v in ev.get("comparison", {}).items()}}
     checks = []
     for key, limit in wanted.items():
         if limit is None:
             continue
+        if key in ("min_accuracy", "min_recall_at_1") and key not in measured:
+            raise ConfigError(f"budget {key} does not fit this evaluation, which measures {headline}; use "
+                              f"min_{headline}")
         if key not in measured:
             raise ConfigError(f"budget {key} needs a teacher in the evaluation; run kdship eval --teacher ...")
         checks.append(Check.of(f"student {key.removeprefix('min_')}", measured[key], ">=", limit))
@@ -98,7 +103,8 @@ def baseline_facts(runs: Runs) -> dict[str, float]:
     facts = {}
     ev = runs.main_eval()
     if ev:
-        facts["student accuracy"] = ev["student"]["accuracy"]
+        headline = headline_metrics(ev)[0]
+        facts[f"student {headline}"] = ev["student"][headline]
     for bench in runs.benches.values():
         for r in bench["results"]:
             facts[f"{r['model']} {r['backend']} b{r['batch']} s{r['seq']} p99_ms"] = r["p99_ms"]
@@ -120,7 +126,7 @@ def _baseline_checks(cfg: GateConfig, budgets: Budgets, facts: dict[str, float])
     for key, value in facts.items():
         if key not in base:
             continue
-        if key.endswith("accuracy"):
+        if key.endswith(("accuracy", "recall_at_1")):
             checks.append(Check.of(f"baseline: {key}", value, ">=", base[key] - tol.accuracy))
         else:
             checks.append(Check.of(f"baseline: {key}", value, "<=", base[key] * tol.latency_ratio))

@@ -151,26 +151,31 @@ def task_label_names(objective: str, config: Any) -> list[str] | None:
 
 
 def build_model(objective: str, source: str | None = None, config: Any = None, label_names: list[str] | None = None,
-                attn_eager: bool = False) -> Any:
+                attn_eager: bool = False, match_loss: str | None = None) -> Any:
     """A classifier (objective 'classify'), masked-LM, or bi-encoder ('match', see kdship.biencoder) from a
-    folder/hub id (`source`) or a fresh `config`."""
+    folder/hub id (`source`) or a fresh `config`. For a bi-encoder, `match_loss` in_batch drops a saved
+    pair-classification head (the encoder alone scores pairs), classify keeps it, None takes what was saved."""
     from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    from kdship.biencoder import SETTINGS_KEY, build_biencoder
 
     auto = AutoModelForSequenceClassification if objective == "classify" else AutoModelForMaskedLM
     kwargs: dict[str, Any] = {"attn_implementation": "eager"} if attn_eager else {}
     try:
         if objective == "match":
-            from kdship.biencoder import build_biencoder
-
-            return build_biencoder(source, config, label_names, kwargs)
+            return build_biencoder(source, config, label_names, kwargs, keep_head=match_loss != "in_batch")
         if label_names is not None:
             kwargs |= {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
                        "label2id": {n: i for i, n in enumerate(label_names)}}
         if source is None:
             for key, value in kwargs.items():
                 setattr(config, "_attn_implementation" if key == "attn_implementation" else key, value)
-            return auto.from_config(config)
-        return auto.from_pretrained(source, **kwargs)
+            model = auto.from_config(config)
+        else:
+            model = auto.from_pretrained(source, **kwargs)
+        if hasattr(model.config, SETTINGS_KEY):  # a classifier or MLM made from a bi-encoder is no bi-encoder
+            delattr(model.config, SETTINGS_KEY)
+        return model
     except OSError as e:  # a folder with config.json but no (or unreadable) weights
         first = str(e).strip().splitlines()[0]
         raise ModelError(f"{source}: weights could not be loaded ({first}); check the folder holds model.safetensors")

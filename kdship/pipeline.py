@@ -100,6 +100,7 @@ def preflight(stages: list[Stage]) -> None:
     """Open each stage's teacher config and first data rows now, so a typo in stage 4 does not cost stages 1-3."""
     from kdship.data import load_table
     from kdship.distill import _teacher_config
+    from kdship.models import load_config
 
     for stage in stages:
         cfg = stage.config
@@ -107,6 +108,8 @@ def preflight(stages: list[Stage]) -> None:
             _teacher_config(cfg)
             label = cfg.data.label_column if cfg.labelled else None
             load_table(cfg.data.train, cfg.data.text_columns, label, max_samples=2)
+            if cfg.select_by:
+                load_config(cfg.select_by, "scoring model")
         except KdshipError as e:
             raise type(e)(f"stage {stage.spec.name!r}: {e}") from None
 

@@ -15,7 +15,7 @@ import yaml
 
 from kdship.artifacts import atomic_write_text
 from kdship.config import ReportConfig
-from kdship.runs import Runs, collect
+from kdship.runs import Runs, collect, headline_metrics
 
 
 # ---- plots -----------------------------------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def pareto_points(runs: Runs) -> list[dict[str, Any]]:
             accuracy[Path(folder).name] = value
     for ev in runs.evals.values():
         for role in ("teacher", "student"):
-            if role in ev:
+            if role in ev and "accuracy" in ev[role]:  # retrieval models (recall@1) are not on this plot
                 accuracy[Path(ev[role]["source"]).name] = ev[role]["accuracy"]
     points = []
     for bench in runs.benches.values():
@@ -131,12 +131,14 @@ def _fmt(value: Any) -> str:
 
 def eval_tables(ev: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
     roles = [r for r in ("teacher", "student") if r in ev]
-    rows = [[metric, *(_fmt(ev[r][metric]) for r in roles)] for metric in ("accuracy", "macro_f1", "ece")]
+    rows = [[metric, *(_fmt(ev[r][metric]) for r in roles)] for metric in headline_metrics(ev)]
     rows += [[k, *([""] * (len(roles) - 1)), _fmt(v)] for k, v in ev.get("comparison", {}).items()]
-    per_class = [[name, _fmt(c["precision"]), _fmt(c["recall"]), _fmt(c["f1"]), str(c["support"])]
-                 for name, c in ev["student"]["per_class"].items()]
-    return [(f"Teacher vs student on {ev['data']['source']} (n={ev['data']['n']})", ["metric", *roles], rows),
-            ("Student per class", ["label", "precision", "recall", "f1", "support"], per_class)]
+    tables = [(f"Teacher vs student on {ev['data']['source']} (n={ev['data']['n']})", ["metric", *roles], rows)]
+    if "per_class" in ev["student"]:
+        per_class = [[name, _fmt(c["precision"]), _fmt(c["recall"]), _fmt(c["f1"]), str(c["support"])]
+                     for name, c in ev["student"]["per_class"].items()]
+        tables.append(("Student per class", ["label", "precision", "recall", "f1", "support"], per_class))
+    return tables
 
 
 def parity_table(folder: str, manifest: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:

@@ -12,6 +12,13 @@ from kdship.artifacts import RECORD_NAME
 from kdship.errors import DataError
 
 FILES = (RECORD_NAME, "eval.json", "manifest.json", "bench.json")
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "ece")
+RETRIEVAL_METRICS = ("recall_at_1", "recall_at_5", "mrr")  # in-batch bi-encoders: no labels, pairs retrieve
+
+
+def headline_metrics(ev: dict[str, Any]) -> tuple[str, ...]:
+    """The metrics an eval.json reports for its kind of model; the first is the one retention is measured on."""
+    return CLASSIFICATION_METRICS if ev["label_names"] else RETRIEVAL_METRICS
 
 
 @dataclass

@@ -140,7 +140,7 @@ def _tokenizer_for(cfg: TrainConfig, run_dir: Path) -> Any:
 
 def _build_train_model(cfg: TrainConfig, tokenizer: Any, data: RunData) -> nn.Module:
     if cfg.model:
-        return build_model(cfg.objective, source=cfg.model, label_names=data.label_names)
+        return build_model(cfg.objective, source=cfg.model, label_names=data.label_names, match_loss=cfg.match_loss)
     config = config_from_spec(cfg.init)
     if "vocab=" not in cfg.init:
         config.vocab_size = len(tokenizer)
@@ -148,7 +148,7 @@ def _build_train_model(cfg: TrainConfig, tokenizer: Any, data: RunData) -> nn.Mo
     if config.vocab_size < len(tokenizer):
         raise ModelError(f"--init vocab={config.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens); "
                          "drop vocab= or raise it")
-    return build_model(cfg.objective, config=config, label_names=data.label_names)
+    return build_model(cfg.objective, config=config, label_names=data.label_names, match_loss=cfg.match_loss)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

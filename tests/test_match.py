@@ -139,6 +139,15 @@ def test_distill_a_bi_encoder_with_sample_selection(pairs, small_matcher, tmp_pa
     for command in (["export", out, "-o", tmp_path / "art"], ["bench", out, "--backend", "torch", "--seq", "16"]):
         result = kdship(*command)
         assert result.exit_code == 2 and "dual-tower (match) model" in result.stderr and not (tmp_path / "art").exists()
+    # report and gate read retrieval evaluations: recall@1 is their headline
+    kdship_ok("report", out, "-o", tmp_path / "report.html")
+    assert "recall_at_1" in (tmp_path / "report.md").read_text()
+    budgets = tmp_path / "budgets.yaml"
+    budgets.write_text("min_recall_at_1: 0.01\nmin_retention: 0.5\n")
+    kdship_ok("gate", out, "--budgets", budgets)
+    budgets.write_text("min_accuracy: 0.5\n")
+    wrong = kdship("gate", out, "--budgets", budgets)
+    assert wrong.exit_code == 2 and "measures recall_at_1; use min_recall_at_1" in wrong.stderr
 
 
 def test_pair_classification_train_and_distill_with_cached_teacher(pairs, small_matcher, tmp_path):
@@ -158,11 +167,27 @@ def test_pair_classification_train_and_distill_with_cached_teacher(pairs, small_
     report = json.loads((tmp_path / "student" / "eval.json").read_text())
     assert report["student"]["accuracy"] == pytest.approx(record["metrics"]["accuracy"])
     assert report["comparison"]["agreement"] == pytest.approx(record["metrics"]["agreement"])
+    config = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert config["kdship_biencoder"]["label_names"] == ["different", "paraphrase"]
     mixed = kdship("eval", "--teacher", small_matcher, "--student", tmp_path / "student", "--data",
                    pairs / "labelled_dev.tsv")
     assert mixed.exit_code == 2 and "not the same kind of model" in mixed.stderr
-    config = json.loads((tmp_path / "student" / "config.json").read_text())
-    assert config["kdship_biencoder"]["label_names"] == ["different", "paraphrase"]
+    # back to in-batch matching from the pair classifier: its head is dropped, the encoder trains on
+    kdship_ok("train", "--model", tmp_path / "teacher", "--objective", "match", "--data", pairs / "train.tsv",
+              "--eval-data", pairs / "dev.tsv", "--max-steps", 2, "--select-by", tmp_path / "teacher",
+              "--reverse-from", tmp_path / "teacher", "--reverse-steps", 2, "-o", tmp_path / "in-batch")
+    config = json.loads((tmp_path / "in-batch" / "config.json").read_text())
+    assert config["kdship_biencoder"]["label_names"] is None
+    assert not (tmp_path / "in-batch" / "biencoder_head.safetensors").exists()
+    kdship_ok("eval", "--teacher", tmp_path / "teacher", "--student", tmp_path / "in-batch", "--data",
+              pairs / "dev.tsv")  # an in-batch student's teacher may be any encoder
+
+
+def test_a_classifier_made_from_a_bi_encoder_is_a_plain_classifier(small_matcher, data_dir, tmp_path):
+    kdship_ok("train", "--model", small_matcher, "--data", data_dir / "train.tsv", "--max-steps", 2,
+              "-o", tmp_path / "clf")
+    config = json.loads((tmp_path / "clf" / "config.json").read_text())
+    assert "kdship_biencoder" not in config and config["architectures"] == ["BertForSequenceClassification"]
 
 
 def test_match_and_selection_bad_inputs(pairs, small_matcher, data_dir, teacher_dir, tmp_path):
@@ -180,6 +205,12 @@ def test_match_and_selection_bad_inputs(pairs, small_matcher, data_dir, teacher_
           "--match-loss", "classify", "--data", pairs / "labelled.tsv"], "not a bi-encoder trained to classify"),
         (["train", "--model", small_matcher, "--objective", "match", "--data", pairs / "train.tsv",
           "--select-by", teacher_dir], "different tokenizer"),
+        (["train", "--model", small_matcher, "--objective", "match", "--data", pairs / "train.tsv",
+          "--select-by", small_matcher, "--select-refresh", 3], "select_refresh > 1 cannot be used with in-batch"),
+        (["train", "--model", small_matcher, "--match-loss", "classify", "--data", data_dir / "train.tsv"],
+         "match_loss applies to objective match only"),
+        (["train", "--model", small_matcher, "--objective", "match", "--data", pairs / "train.tsv",
+          "--reverse-hidden", 1], "reverse_hidden weighs reverse distillation"),
     ]
     for args, message in cases:
         result = kdship(*args, "--max-steps", 2, "-o", out)

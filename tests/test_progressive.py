@@ -90,6 +90,10 @@ def test_three_stage_pipeline_end_to_end_and_resume(teachers, data_dir, tmp_path
     ("""
   - {name: one, teacher: finetuned, data: words, objective: features, losses: [{name: hidden_mse}]}
 """, "", "stage 'one':"),
+    ("""
+  - {name: one, teacher: finetuned, data: task, objective: classify, losses: [{name: kd}]}
+  - {name: two, teacher: finetuned, data: task, objective: classify, losses: [{name: kd}], select_by: /no/scorer}
+""", "", "stage 'two': scoring model /no/scorer not found"),
 ])
 def test_bad_pipelines_are_one_line_errors_before_anything_runs(teachers, data_dir, tmp_path, stages, extra, message):
     (tmp_path / "words.tsv").write_text("words\tlabel\nhello\t1\n")

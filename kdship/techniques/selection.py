@@ -111,11 +111,12 @@ class Selector:
         return memory.large_losses[idx] - small
 
     def choose(self, batch: dict[str, Tensor], indices: list[int], step: int) -> Tensor:
-        """The rows of the batch that get the gradient step. Weighted draws are seeded by step, so a resumed run
-        draws what the uninterrupted one did."""
+        """The rows of the batch that get the gradient step. Weighted draws are seeded by the step and the
+        candidates (micro-batches of one step differ), so a resumed run draws what the uninterrupted one did."""
         values = self.values(batch, indices, step)
         if self.mode == "weighted":
-            keep = select_weighted(values, self.ratio, torch.Generator().manual_seed(self.seed * 1_000_003 + step))
+            seed = hash((self.seed, step, tuple(indices))) & 0x7FFFFFFF  # ints hash the same in every process
+            keep = select_weighted(values, self.ratio, torch.Generator().manual_seed(seed))
         else:
             keep = select_topk(values, self.ratio)
         rejected = torch.ones(len(values), dtype=torch.bool)

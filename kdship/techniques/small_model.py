@@ -34,6 +34,6 @@ def load_small_model(source: str, role: str, cfg: RunConfig, tokenizer: Any, lar
         kind = "pair-classifying bi-encoder" if cfg.objective == "match" else "classifier"
         raise ModelError(f"{role} {source} is not a {kind} with the labels {expected} of the model being trained; "
                          "use a small model fine-tuned on the same labels")
-    small = build_model(cfg.objective, source=source).to(device).eval()
+    small = build_model(cfg.objective, source=source, match_loss=cfg.match_loss).to(device).eval()
     small.requires_grad_(False)
     return small
