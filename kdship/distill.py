@@ -257,7 +257,7 @@ def _distill(cfg: DistillConfig, tconfig: Any, output: Path, run_dir: Path) -> d
             t.losses.append(student_total.detach())
             total = total + student_total
             t.forward_seconds += time.perf_counter() - started
-        return total, logs
+        return total, logs | (selector.last if selector else {})
 
     members = [Member(t.name, nn.ModuleDict({"model": t.pair.student, "projections": t.projections}),
                       t.pair.student.save_pretrained, f"{t.prefix}{evaluators[t.name][1]}" if evaluators[t.name][0]

@@ -190,9 +190,11 @@ def _train(cfg: TrainConfig, output: Path, run_dir: Path) -> dict[str, Any]:
             batch = rows_of(batch, selector.choose(batch, indices, step_no))
         with autocast():
             out = model(**batch, output_hidden_states=bool(reverse and reverse.wants_hidden(step_no)))
+        loss, logs = out.loss, {"loss": out.loss.detach()}
         if reverse is not None and reverse.alpha(step_no) > 0:  # the small model is run only while it has a say
-            return reverse.loss(out.loss, out, batch, step_no)
-        return out.loss, {"loss": out.loss.detach()}
+            loss, reverse_logs = reverse.loss(out.loss, out, batch, step_no)
+            logs |= reverse_logs
+        return loss, logs | (selector.last if selector else {})
 
     trained = nn.ModuleDict({"model": model, "projections": reverse.projections}) if reverse else model
     memory = {"selection": selector.memory} if selector else {}

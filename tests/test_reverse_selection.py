@@ -73,6 +73,7 @@ def test_selector_trains_on_the_samples_the_small_model_knows_and_the_large_does
     selector = Selector(small, large, ratio=0.25, mode="topk", refresh=1, n_examples=4, small_losses=None)
     assert selector.choose(batch, [0, 1, 2, 3], step=0).tolist() == [0]  # large wrong, small right: most valuable
     assert selector.summary()["selected"] == 1 and selector.summary()["candidates"] == 4
+    assert selector.last["value_kept"] > selector.last["value_dropped"]  # shown on the progress line
 
 
 @pytest.fixture(scope="module")

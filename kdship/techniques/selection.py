@@ -80,6 +80,7 @@ class Selector:
         self.memory.register_buffer("large_losses", torch.zeros(n_examples))
         self.memory.register_buffer("scored_at", torch.full((n_examples,), -(10**9), dtype=torch.long))
         self.memory.register_buffer("counts", torch.zeros(len(COUNTS), dtype=torch.float64))
+        self.last: dict[str, float] = {}  # the last batch's mean value of kept and dropped samples
 
     @property
     def stats(self) -> dict[str, float]:
@@ -123,6 +124,9 @@ class Selector:
         rejected[keep] = False
         self._count(candidates=len(indices), selected=len(keep), value_selected_sum=float(values[keep].sum()),
                     value_rejected_sum=float(values[rejected].sum()))
+        # for the progress line: the values are on the CPU already, so reading them costs no GPU sync
+        self.last = {"value_kept": float(values[keep].mean()),
+                     "value_dropped": float(values[rejected].mean()) if rejected.any() else 0.0}
         return keep
 
     def summary(self) -> dict[str, float]:
