@@ -81,6 +81,24 @@ def exported_program(ctx: ExportContext, device: str = "cpu") -> tuple[torch.exp
     return program, names
 
 
+def export_for_fusion(ctx: ExportContext, path: Path) -> None:
+    """The same model through torch.onnx's TorchScript exporter with eager attention: ONNX Runtime's transformer
+    optimizer recognises attention (and embedding LayerNorm) in this graph's patterns, not in the dynamo graph's,
+    so the fused variants start from it. Dynamic axes are declared and checked like the main export's."""
+    import copy
+    import warnings
+
+    names = input_names_for(ctx.tokenizer, ctx.model.config)
+    model = copy.deepcopy(ctx.model).eval()
+    model.set_attn_implementation("eager")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes are not the user's business
+        torch.onnx.export(LogitsOnly(model), _example(ctx, names), str(path), dynamo=False,
+                          opset_version=ctx.config.opset, input_names=names, output_names=["logits"],
+                          dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names} | {"logits": {0: "batch"}})
+    check_dynamic_axes(path)
+
+
 @register_exporter("onnx", "model.onnx", "fp32", Tolerance(max_abs=1e-4, min_agreement=1.0))
 def export_onnx(ctx: ExportContext) -> Path:
     """ONNX (fp32) via torch.onnx dynamo export, dynamic batch and sequence axes."""

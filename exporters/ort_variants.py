@@ -28,10 +28,17 @@ def _fusions(model: Any) -> dict[str, int]:
                    needs="onnx")
 def export_optimized(ctx: ExportContext) -> Path:
     """ONNX Runtime transformer optimizer: attention / LayerNorm / GELU fusions (fp32)."""
-    model = _optimizer(ctx, ctx.files["onnx"])
+    from kdship.exporters.onnx_export import export_for_fusion
+
+    traced = ctx.out_dir / ".for-fusion.onnx"
+    try:
+        export_for_fusion(ctx, traced)
+        model = _optimizer(ctx, traced)
+    finally:
+        traced.unlink(missing_ok=True)
     path = ctx.out_dir / "model_optimized.onnx"
     model.save_model_to_file(str(path))
-    ctx.details["ort-opt"] = {"fused_operators": _fusions(model)}
+    ctx.details["ort-opt"] = {"fused_operators": _fusions(model), "from": "TorchScript export, eager attention"}
     return path
 
 
@@ -55,8 +62,12 @@ def export_int8_dynamic(ctx: ExportContext) -> Path:
     """INT8 dynamic quantisation of MatMul weights (activations quantised at run time; CPU)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    import onnx
+
     path = ctx.out_dir / "model_int8.onnx"
-    quantize_dynamic(str(ctx.files["ort-opt"]), str(path), weight_type=QuantType.QInt8, per_channel=True)
+    # shape inference cannot type the fused (com.microsoft) Attention outputs; they are fp32
+    quantize_dynamic(str(ctx.files["ort-opt"]), str(path), weight_type=QuantType.QInt8, per_channel=True,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     ctx.details["int8"] = {"weights": "int8 per-channel", "activations": "dynamic"}
     return path
 

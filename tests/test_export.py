@@ -38,6 +38,8 @@ def test_artifact_holds_every_variant_config_tokenizer_record_and_manifest(artif
         assert set(parity["shapes"]) == {"real b1 shortest", "real b1 seq48", "real b8 padded", "random b4 seq33"}
     assert manifest["variants"]["onnx"]["parity"]["max_abs"] < 1e-4
     assert manifest["variants"]["int8-static"]["details"]["calibration_samples"] == 128
+    # attention fused in the optimised graph: one Attention node per layer of the 2-layer model
+    assert manifest["variants"]["ort-opt"]["details"]["fused_operators"]["Attention"] == 2
 
 
 @pytest.mark.parametrize("variant", sorted(CPU_VARIANTS))
