@@ -266,8 +266,9 @@ def _distill(cfg: DistillConfig, tconfig: Any, output: Path, run_dir: Path) -> d
     label = "distill" + (f" x{len(trainees)} students" if multi else "") + (" (teacher cached)" if cached is not None
                                                                             else "")
     memory = {"selection": selector.memory} if selector else {}
-    state = fit(candidate_batches(cfg), Objective(step, evaluate if has_eval else None, members, memory), data.train,
-                tokenizer, run_dir, collator, label, data_record(data))
+    objective = Objective(step, evaluate if has_eval else None, members, memory,
+                          selector.trained_of if selector else None)
+    state = fit(candidate_batches(cfg), objective, data.train, tokenizer, run_dir, collator, label, data_record(data))
     teacher_record = teacher_identity(cfg.teacher) | {"parameters": sum(p.numel() for p in teacher.parameters())}
 
     def record_for(t: Trainee) -> dict[str, Any]:

@@ -87,6 +87,8 @@ class Objective:
     members: list[Member]
     # state that is not trained but must survive a resume (e.g. sample-selection scores), checkpointed with it
     memory: dict[str, nn.Module] = field(default_factory=dict)
+    # how many of a batch's samples get the step (fewer under sample selection): what samples_seen counts
+    trained_of: Callable[[int], int] | None = None
 
     def trainable(self) -> nn.ModuleDict:
         return nn.ModuleDict({m.name: m.module for m in self.members} | {f"memory_{k}": v for k, v in
@@ -232,7 +234,7 @@ def fit(cfg: RunConfig, objective: Objective, train: Encoded, tokenizer: Any, ru
                     batch = collate(tokenizer, train, indices, mlm_collator, mask_seed)
                     loss, logs = objective.step_fn(batch, state.step / total, indices)
                     (loss / len(groups[gi])).backward()
-                    state.samples_seen += len(indices)
+                    state.samples_seen += objective.trained_of(len(indices)) if objective.trained_of else len(indices)
                 for member in objective.members:
                     torch.nn.utils.clip_grad_norm_(member.module.parameters(), cfg.max_grad_norm)
                 optimizer.step()

@@ -198,7 +198,8 @@ def _train(cfg: TrainConfig, output: Path, run_dir: Path) -> dict[str, Any]:
 
     trained = nn.ModuleDict({"model": model, "projections": reverse.projections}) if reverse else model
     memory = {"selection": selector.memory} if selector else {}
-    objective = Objective(step, evaluate, [Member("model", trained, model.save_pretrained, metric, higher)], memory)
+    objective = Objective(step, evaluate, [Member("model", trained, model.save_pretrained, metric, higher)], memory,
+                          selector.trained_of if selector else None)
     state = fit(loop_cfg, objective, data.train, tokenizer, run_dir, collator, "train", data_record(data))
     record = {"command": "train", "config": to_record(cfg), "data": data_record(data), "device": str(device),
               "model": {"source": cfg.model or cfg.init, "parameters": sum(p.numel() for p in model.parameters())}}

@@ -133,9 +133,10 @@ def _interrupt_after_checkpoint(args, checkpoint):
 def test_sample_value_selection_end_to_end(data_dir, teacher_dir, small_model, tmp_path):
     extra = ["--select-by", str(small_model), "--select-ratio", "0.5", "--select-mode", "topk"]
     kdship_ok(*_large_args(data_dir, teacher_dir, tmp_path / "selected", *extra))
-    selection = json.loads((tmp_path / "selected" / "kdship.json").read_text())["selection"]
+    record = json.loads((tmp_path / "selected" / "kdship.json").read_text())
+    selection = record["selection"]
     assert selection["candidates_per_step"] == 16 and selection["candidates"] == 12 * 16
-    assert selection["selected"] == 12 * 8
+    assert selection["selected"] == 12 * 8 == record["training"]["samples_seen"]  # scored candidates are not trained
     assert selection["mean_value_selected"] > selection["mean_value_rejected"]
 
     def weighted_args(out):

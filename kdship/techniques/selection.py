@@ -37,18 +37,19 @@ def example_losses(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 def select_topk(values: Tensor, ratio: float) -> Tensor:
     """Indices of the ceil(ratio·n) highest values, highest first."""
-    return torch.topk(values, _kept(values, ratio)).indices
+    return torch.topk(values, kept_count(values.numel(), ratio)).indices
 
 
 def select_weighted(values: Tensor, ratio: float, generator: torch.Generator) -> Tensor:
     """ceil(ratio·n) indices drawn without replacement with probability softmax(value): valuable samples are
     likelier, every sample keeps a chance (less brittle than top-k when the small model is wrong)."""
-    return torch.multinomial(torch.softmax(values.float(), 0), _kept(values, ratio), replacement=False,
+    return torch.multinomial(torch.softmax(values.float(), 0), kept_count(values.numel(), ratio), replacement=False,
                              generator=generator)
 
 
-def _kept(values: Tensor, ratio: float) -> int:
-    return max(1, math.ceil(ratio * values.numel()))
+def kept_count(candidates: int, ratio: float) -> int:
+    """How many of a batch's candidates get the gradient step."""
+    return max(1, math.ceil(ratio * candidates))
 
 
 def candidates_per_step(batch_size: int, ratio: float) -> int:
@@ -128,6 +129,9 @@ class Selector:
         self.last = {"value_kept": float(values[keep].mean()),
                      "value_dropped": float(values[rejected].mean()) if rejected.any() else 0.0}
         return keep
+
+    def trained_of(self, candidates: int) -> int:
+        return kept_count(candidates, self.ratio)
 
     def summary(self) -> dict[str, float]:
         s = self.stats
