@@ -9,37 +9,27 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 from common import SHARED, device_name, write_result
 
-from kdship.config import ExportConfig, TrainConfig
+from kdship.bench import measure
+from kdship.config import BenchConfig, ExportConfig, TrainConfig
 from kdship.export import export
+from kdship.exporters import onnxruntime_runner
 from kdship.train import train
 
 
-def p50_ms(path: Path, batch: int, seq: int, threads: int, runs: int = 40) -> float:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+def p50_ms(path: Path, batch: int, seq: int, threads: int) -> float:
+    """p50 of one graph through kdship bench's runner and timing loop, on real-length padded inputs."""
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 20000, size=(batch, seq)).astype(np.int64)
     mask = np.ones_like(ids)
     mask[:, seq * 3 // 4:] = 0  # a quarter of padding, as in a length-bucketed batch
     feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-    for _ in range(5):
-        session.run(["logits"], feeds)
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        session.run(["logits"], feeds)
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+    timing = BenchConfig(models=[str(path)], min_runs=40, max_seconds=30)
+    return measure(onnxruntime_runner(path, threads=threads), feeds, timing)["p50_ms"]
 
 
 def main() -> None:
@@ -54,7 +44,7 @@ def main() -> None:
                                                     "max_train_samples": 2000}, max_steps=60, output=str(model),
                       overwrite=True))
     artifact = args.work / "artifact"
-    result = export(ExportConfig(student=str(model), to=["ort-opt"], output=str(artifact), eval_samples=256,
+    result = export(ExportConfig(student=str(model), to=["onnx", "ort-opt"], output=str(artifact), eval_samples=256,
                                  overwrite=True))
     from onnxruntime.transformers import optimizer
 

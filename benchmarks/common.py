@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import platform
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-def _quiet_libraries() -> None:
-    """The logs hold kdship's progress and results; transformers' load reports and per-file bars are noise."""
-    from transformers.utils import logging
+from kdship.ui import quiet_libraries
 
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+quiet_libraries()  # the logs hold kdship's progress and results, not transformers' load reports
 
-
-_quiet_libraries()
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the checkout
 
@@ -24,11 +18,11 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the 
 def device_name() -> str:
     import torch
 
+    from kdship.bench import cpu_name
+
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor() or "cpu")
-    return f"CPU: {model}, {torch.get_num_threads()} threads"
+    return f"CPU: {cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def git_commit() -> str:

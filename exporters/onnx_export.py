@@ -81,10 +81,18 @@ def exported_program(ctx: ExportContext, device: str = "cpu") -> tuple[torch.exp
     return program, names
 
 
+TORCHSCRIPT_MAX_OPSET = 20
+
+
+def fusion_opset(requested: int) -> int:
+    return min(requested, TORCHSCRIPT_MAX_OPSET)
+
+
 def export_for_fusion(ctx: ExportContext, path: Path) -> None:
     """The same model through torch.onnx's TorchScript exporter with eager attention: ONNX Runtime's transformer
     optimizer recognises attention (and embedding LayerNorm) in this graph's patterns, not in the dynamo graph's,
-    so the fused variants start from it. Dynamic axes are declared and checked like the main export's."""
+    so the fused variants start from it. Dynamic axes are declared and checked like the main export's. That
+    exporter stops at opset 20, so a higher --opset gives 20 here (the details say which)."""
     import copy
     import warnings
 
@@ -94,7 +102,7 @@ def export_for_fusion(ctx: ExportContext, path: Path) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes are not the user's business
         torch.onnx.export(LogitsOnly(model), _example(ctx, names), str(path), dynamo=False,
-                          opset_version=ctx.config.opset, input_names=names, output_names=["logits"],
+                          opset_version=fusion_opset(ctx.config.opset), input_names=names, output_names=["logits"],
                           dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names} | {"logits": {0: "batch"}})
     check_dynamic_axes(path)
 

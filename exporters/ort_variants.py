@@ -24,11 +24,10 @@ def _fusions(model: Any) -> dict[str, int]:
     return {op: n for op, n in model.get_fused_operator_statistics().items() if n}
 
 
-@register_exporter("ort-opt", "model_optimized.onnx", "fp32", Tolerance(max_abs=1e-4, min_agreement=1.0),
-                   needs="onnx")
+@register_exporter("ort-opt", "model_optimized.onnx", "fp32", Tolerance(max_abs=1e-4, min_agreement=1.0))
 def export_optimized(ctx: ExportContext) -> Path:
     """ONNX Runtime transformer optimizer: attention / LayerNorm / GELU fusions (fp32)."""
-    from kdship.exporters.onnx_export import export_for_fusion
+    from kdship.exporters.onnx_export import export_for_fusion, fusion_opset
 
     traced = ctx.out_dir / ".for-fusion.onnx"
     try:
@@ -38,7 +37,8 @@ def export_optimized(ctx: ExportContext) -> Path:
         traced.unlink(missing_ok=True)
     path = ctx.out_dir / "model_optimized.onnx"
     model.save_model_to_file(str(path))
-    ctx.details["ort-opt"] = {"fused_operators": _fusions(model), "from": "TorchScript export, eager attention"}
+    ctx.details["ort-opt"] = {"fused_operators": _fusions(model), "from": "TorchScript export, eager attention",
+                              "opset": fusion_opset(ctx.config.opset)}
     return path
 
 

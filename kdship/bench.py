@@ -54,19 +54,9 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "min_ms": float(ms.min())}
 
 
-def _no_sync() -> None:
-    return None
-
-
-def sync_for(backend: str):
-    """What makes a timed call complete: device synchronisation for GPU backends, nothing on the CPU."""
-    import torch
-
-    return torch.cuda.synchronize if backend != "ort-cpu" and torch.cuda.is_available() else _no_sync
-
-
-def measure(run: Any, feeds: dict[str, np.ndarray], cfg: BenchConfig, _sync=_no_sync) -> dict[str, Any]:
-    """Warm up, then time runs in rounds of min_runs until the p50 settles or the time bound is reached."""
+def measure(run: Any, feeds: dict[str, np.ndarray], cfg: BenchConfig) -> dict[str, Any]:
+    """Warm up, then time runs in rounds of min_runs until the p50 settles or the time bound is reached. Every
+    backend's runner returns host arrays, so a timed call ends when the device has finished: no extra sync."""
     started = time.perf_counter()
     warm = 0
     while warm < 3 or time.perf_counter() - started < cfg.warmup_s:
@@ -77,10 +67,8 @@ def measure(run: Any, feeds: dict[str, np.ndarray], cfg: BenchConfig, _sync=_no_
     deadline = time.perf_counter() + cfg.max_seconds
     while True:
         for _ in range(cfg.min_runs):
-            _sync()
             t0 = time.perf_counter()
             run(feeds)
-            _sync()
             times.append(time.perf_counter() - t0)
         p50 = float(np.median(times))
         settled = previous_p50 is not None and abs(p50 - previous_p50) <= cfg.settle * previous_p50
@@ -144,13 +132,11 @@ def _model_folder_for_torch(folder: Path) -> Path:
 
 def resolve(folder: Path, backend_name: str, seqs: list[int]) -> Path:
     """The file (or model folder) a backend runs for this model; checked for every pair before measuring."""
-    from transformers import AutoConfig
-
-    from kdship.models import max_tokens
+    from kdship.models import load_config, max_tokens
 
     backend = get_backend(backend_name)
     source = _model_folder_for_torch(folder) if not backend.variants else folder
-    longest = max_tokens(max(seqs), AutoConfig.from_pretrained(folder))
+    longest = max_tokens(max(seqs), load_config(str(folder), "model"))
     if longest < max(seqs):
         raise ConfigError(f"--seq {max(seqs)} is longer than {folder.name} takes ({longest} tokens); lower --seq")
     return model_file(source, backend, None)
@@ -158,12 +144,10 @@ def resolve(folder: Path, backend_name: str, seqs: list[int]) -> Path:
 
 def model_inputs(folder: Path, cfg: BenchConfig) -> Inputs:
     """The model's input names and ids, made once per model and shared by every backend."""
-    from transformers import AutoConfig
-
     from kdship.exporters.onnx_export import input_names_for
-    from kdship.models import load_tokenizer
+    from kdship.models import load_config, load_tokenizer
 
-    config = AutoConfig.from_pretrained(folder)
+    config = load_config(str(folder), "model")
     names = input_names_for(load_tokenizer(str(folder), "model"), config)
     return Inputs(folder, names, config.vocab_size, cfg.inputs)
 
@@ -173,11 +157,10 @@ def bench_model(folder: Path, backend_name: str, path: Path, inputs: Inputs, cfg
     _reset_gpu_peak()
     before = rss_mb()
     run = backend.load(path, cfg.threads)
-    sync = sync_for(backend_name)
     rows = []
     for seq in cfg.seq:
         for batch in cfg.batch:
-            result = measure(run, inputs.feeds(batch, seq), cfg, sync)
+            result = measure(run, inputs.feeds(batch, seq), cfg)
             rows.append({"model": folder.name, "path": str(folder), "backend": backend_name, "file": path.name,
                          "batch": batch, "seq": seq, "inputs": "real" if inputs.real is not None else "random",
                          **result, "rss_mb": rss_mb(), "rss_model_mb": rss_mb() - before,

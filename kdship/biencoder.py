@@ -155,9 +155,18 @@ def embed_pairs(model: BiEncoder, tokenizer: Any, encoded: Any, batch_size: int,
     return left, right
 
 
+def similarities(left: Tensor, right: Tensor) -> Tensor:
+    """Cosine similarity of every left side to every right side."""
+    return F.normalize(left, dim=-1) @ F.normalize(right, dim=-1).T
+
+
 def retrieval_metrics(left: Tensor, right: Tensor) -> dict[str, float]:
     """Each left side retrieves among all right sides of the set: recall@1, recall@5 and MRR of its partner."""
-    scores = F.normalize(left, dim=-1) @ F.normalize(right, dim=-1).T
+    return ranking_metrics(similarities(left, right))
+
+
+def ranking_metrics(scores: Tensor) -> dict[str, float]:
+    """recall@1, recall@5 and MRR of the diagonal (each row's partner) in a square score matrix."""
     partner_score = scores.diagonal().unsqueeze(1)
     rank = (scores > partner_score).sum(1) + 1  # 1 = the partner scores highest
     return {"recall_at_1": rank.eq(1).float().mean().item(), "recall_at_5": rank.le(5).float().mean().item(),

@@ -23,7 +23,9 @@ def command(fn: Callable | None = None, *, name: str | None = None, on: typer.Ty
     def run(*args: Any, **kwargs: Any) -> Any:
         from kdship.errors import KdshipError
 
-        _quiet_libraries()
+        from kdship.ui import quiet_libraries
+
+        quiet_libraries()
         try:
             return fn(*args, **kwargs)
         except KdshipError as e:
@@ -38,17 +40,6 @@ def command(fn: Callable | None = None, *, name: str | None = None, on: typer.Ty
 
 
 RESUMABLE = ("train", "distill")
-
-
-def _quiet_libraries() -> None:
-    """Our own progress bar and messages are the CLI's output; transformers' per-file bars and hints are noise."""
-    import os
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
 
 
 # ---- options shared by several commands (declared once) -----------------------------------------------------------

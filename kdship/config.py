@@ -181,6 +181,9 @@ class DistillConfig(RunConfig):
             raise ValueError("give student or students, not both")
         if self.students is not None and len(self.students) < 1:
             raise ValueError("students is empty")
+        if self.select_by and self.students:
+            raise ValueError("sample-value selection scores samples for one trained model; with several students, "
+                             "distill them without select_by (or one at a time)")
         if self.objective == "features":
             from kdship.losses import LOSSES
 
@@ -288,7 +291,7 @@ class ExportConfig(Strict):
     student: str
     to: list[str] = Field(default_factory=lambda: ["onnx"], min_length=1)
     output: str | None = None
-    opset: int = Field(18, ge=18, le=30, description="the dynamo exporter needs 18 or newer")
+    opset: int = Field(18, ge=18, le=23, description="the dynamo exporter takes 18 to 23")
     eval_data: str | None = Field(None, description="parity/accuracy data; default: the student's eval data")
     eval_samples: int = Field(512, ge=8, description="eval rows used for agreement and accuracy per variant")
     calib_data: str | None = Field(None, description="int8-static calibration data; default: the student's train data")

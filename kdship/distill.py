@@ -3,8 +3,10 @@ student forward, the weighted registry losses, the optimizer step (in kdship.loo
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,7 @@ from kdship.config import DistillConfig, to_record
 from kdship.errors import ConfigError, ModelError
 from kdship.evaluate import predict_logits
 from kdship.biencoder import targets, token_mask
-from kdship.loop import (Member, Objective, autocast_for, fit, pick_device, run_dir_for_output, seed_everything,
-                         total_steps_for)
+from kdship.loop import Member, Objective, autocast_for, fit, pick_device, run_dir_for_output, seed_everything
 from kdship.techniques.selection import build_selector, candidate_batches, rows_of
 from kdship.losses import LossInputs, WeightedLoss, get_loss
 from kdship.models import (build_model, check_tokenizers_match, check_vocab_compatible, config_from_spec,
@@ -139,6 +140,43 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         return _distill(cfg, tconfig, Path(cfg.output), run_dir)
 
 
+class RegionTimer:
+    """Seconds spent in a region, summed over steps. On CUDA the kernels run after the host moves on, so CUDA events
+    time them, and their elapsed times are read (one sync) every FOLD regions, not every step."""
+
+    FOLD = 100
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+        self.pending: list[tuple[Any, Any]] = []
+
+    @contextlib.contextmanager
+    def region(self):
+        if not self.cuda:
+            started = time.perf_counter()
+            yield
+            self.seconds += time.perf_counter() - started
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self.pending.append((start, end))
+        if len(self.pending) >= self.FOLD:
+            self.total()
+
+    def total(self) -> float:
+        if self.pending:
+            self.pending[-1][1].synchronize()
+            self.seconds += sum(start.elapsed_time(end) for start, end in self.pending) / 1000
+            self.pending.clear()
+        return self.seconds
+
+
+LOSS_WINDOW = 5  # steps averaged for the first and the last loss in kdship.json
+
+
 @dataclass
 class Trainee:
     """One student in training: the model, its projections and loss bookkeeping."""
@@ -147,16 +185,22 @@ class Trainee:
     pair: Pair
     projections: nn.ModuleList
     prefix: str  # "" for a single student, "name/" for several (log and metric keys)
-    forward_seconds: float = 0.0
-    losses: list[torch.Tensor] = field(default_factory=list)  # per micro-batch, detached, for the first/last loss in kdship.json
+    timer: RegionTimer
+    # detached per micro-batch losses: only the first and last few are kept (read once, at the end)
+    first_losses: list[torch.Tensor] = field(default_factory=list)
+    last_losses: deque = field(default_factory=lambda: deque(maxlen=LOSS_WINDOW))
 
-    def loss_summary(self, window: int = 5) -> dict[str, float]:
+    def record_loss(self, loss: torch.Tensor) -> None:
+        if len(self.first_losses) < LOSS_WINDOW:
+            self.first_losses.append(loss)
+        self.last_losses.append(loss)
+
+    def loss_summary(self) -> dict[str, float]:
         """Mean loss over the first and the last few steps: did this student learn?"""
-        if not self.losses:
+        if not self.first_losses:
             return {}
-        losses = [float(x) for x in self.losses]
-        return {"loss_first": sum(losses[:window]) / len(losses[:window]),
-                "loss_last": sum(losses[-window:]) / len(losses[-window:])}
+        mean = lambda losses: sum(float(x) for x in losses) / len(losses)  # noqa: E731
+        return {"loss_first": mean(self.first_losses), "loss_last": mean(self.last_losses)}
 
 
 def precompute_teacher_logits(cfg: DistillConfig, needs: set[str], teacher: nn.Module, tokenizer: Any,
@@ -167,7 +211,8 @@ def precompute_teacher_logits(cfg: DistillConfig, needs: set[str], teacher: nn.M
     safe = cfg.labelled and needs <= {"logits", "teacher"}
     if cfg.teacher_cache == "off" or not safe:
         return None
-    return predict_logits(teacher, tokenizer, data.train, cfg.eval_batch_size, device, autocast)
+    # kept on the device: each step gathers its rows there instead of copying them from the host
+    return predict_logits(teacher, tokenizer, data.train, cfg.eval_batch_size, device, autocast).to(device)
 
 
 def _losses_for(trainee: Trainee, t_out: Any, s_out: Any, batch: dict[str, Any], needs: set[str],
@@ -201,19 +246,17 @@ def _distill(cfg: DistillConfig, tconfig: Any, output: Path, run_dir: Path) -> d
     for name, source in sources.items():
         pair = _student(cfg, source, head, teacher, tokenizer, label_names, eager)
         pair.student.to(device)
-        trainees.append(Trainee(name, pair, _projections(pair, "hidden" in needs).to(device), f"{name}/" if multi else ""))
+        trainees.append(Trainee(name, pair, _projections(pair, "hidden" in needs).to(device), f"{name}/" if multi else "",
+                                RegionTimer(device)))
     data = load_run_data(cfg, tokenizer, label_names if cfg.labelled else None,
                          max_tokens(cfg.data.max_length, teacher.config, *(t.pair.student.config for t in trainees)))
     collator = mlm_collator_for(cfg, tokenizer)
     cached = precompute_teacher_logits(cfg, needs, teacher, tokenizer, data, device, autocast)
     teacher_eval = (predict_logits(teacher, tokenizer, data.eval, cfg.eval_batch_size, device, autocast)
                     if data.eval is not None and cfg.labelled else None)
-    if cfg.select_by and multi:
-        raise ConfigError("sample-value selection scores samples for one trained model; with several students, "
-                          "distill them without --select-by (or one at a time)")
     selector = (build_selector(cfg, trainees[0].pair.student, tokenizer, data.train, device, autocast)
                 if cfg.select_by else None)
-    total_steps, _ = total_steps_for(candidate_batches(cfg), len(data.train.features))
+    loop_cfg = candidate_batches(cfg)
     evaluators = {t.name: model_evaluator(cfg, t.pair.student, tokenizer, data, device, autocast, collator)
                   for t in trainees}
     eval_labels = torch.tensor(data.eval.labels) if teacher_eval is not None else None
@@ -231,10 +274,11 @@ def _distill(cfg: DistillConfig, tconfig: Any, output: Path, run_dir: Path) -> d
             metrics |= {f"{t.prefix}{k}": v for k, v in student_metrics.items()}
         return metrics
 
-    def step(batch: dict[str, Any], progress: float, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+    def step(batch: dict[str, Any], step_no: int, progress: float,
+             indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         batch = {k: v.to(device) for k, v in batch.items()}
         if selector is not None:  # the student is the model being trained: it gets the valuable samples
-            rows = selector.choose(batch, indices, round(progress * total_steps))
+            rows = selector.choose(batch, indices, step_no)
             batch, indices = rows_of(batch, rows), [indices[r] for r in rows.tolist()]
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         want = {"output_hidden_states": "hidden" in needs, "output_attentions": "attentions" in needs}
@@ -243,20 +287,19 @@ def _distill(cfg: DistillConfig, tconfig: Any, output: Path, run_dir: Path) -> d
             with autocast(), torch.no_grad():
                 t_out = teacher(**inputs, **want)  # once per batch, shared by every student
             counters["teacher_forward_calls"] += 1
-        teacher_logits = cached[indices].to(device) if cached is not None else t_out.logits
+        teacher_logits = cached[torch.as_tensor(indices, device=device)] if cached is not None else t_out.logits
         total, logs = 0.0, {}
         for t in trainees:
-            started = time.perf_counter()
-            with autocast():
-                s_out = t.pair.student(**inputs, **want)
-            x = _losses_for(t, t_out, s_out, batch, needs, teacher_logits, cfg.temperature)
-            values = [term.loss.fn(x) for term in terms]
-            student_total = sum(term.weight_at(progress) * value for term, value in zip(terms, values))
+            with t.timer.region():
+                with autocast():
+                    s_out = t.pair.student(**inputs, **want)
+                x = _losses_for(t, t_out, s_out, batch, needs, teacher_logits, cfg.temperature)
+                values = [term.loss.fn(x) for term in terms]
+                student_total = sum(term.weight_at(progress) * value for term, value in zip(terms, values))
             # detached tensors, not floats: .item() would wait for the GPU on every step (the bar reads them rarely)
             logs |= {f"{t.prefix}{term.loss.name}": value.detach() for term, value in zip(terms, values)}
-            t.losses.append(student_total.detach())
+            t.record_loss(student_total.detach())
             total = total + student_total
-            t.forward_seconds += time.perf_counter() - started
         return total, logs | (selector.last if selector else {})
 
     members = [Member(t.name, nn.ModuleDict({"model": t.pair.student, "projections": t.projections}),
@@ -268,7 +311,7 @@ def _distill(cfg: DistillConfig, tconfig: Any, output: Path, run_dir: Path) -> d
     memory = {"selection": selector.memory} if selector else {}
     objective = Objective(step, evaluate if has_eval else None, members, memory,
                           selector.trained_of if selector else None)
-    state = fit(candidate_batches(cfg), objective, data.train, tokenizer, run_dir, collator, label, data_record(data))
+    state = fit(loop_cfg, objective, data.train, tokenizer, run_dir, collator, label, data_record(data))
     teacher_record = teacher_identity(cfg.teacher) | {"parameters": sum(p.numel() for p in teacher.parameters())}
 
     def record_for(t: Trainee) -> dict[str, Any]:
@@ -279,10 +322,10 @@ def _distill(cfg: DistillConfig, tconfig: Any, output: Path, run_dir: Path) -> d
                 "student": {"name": t.name, "source": sources[t.name], "parameters": student_params,
                             "layer_map": t.pair.layer_map, "tensors_copied_from_teacher": t.pair.copied_from_teacher},
                 "training": {"teacher_cache": cached is not None, **counters, **t.loss_summary(),
-                             "student_forward_seconds": round(t.forward_seconds, 3), "students_in_pass": len(trainees),
+                             "student_forward_seconds": round(t.timer.total(), 3), "students_in_pass": len(trainees),
                              # weights, gradients and AdamW's two moments, fp32
                              "training_state_mb": round(params * 4 * 4 / 2**20, 2)},
-                **({"selection": {"by": cfg.select_by, "candidates_per_step": candidate_batches(cfg).batch_size,
+                **({"selection": {"by": cfg.select_by, "candidates_per_step": loop_cfg.batch_size,
                                   **selector.summary()}} if selector else {})}
 
     if not multi:

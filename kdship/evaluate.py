@@ -96,11 +96,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     Classifiers and pair-classifying bi-encoders get classification metrics; in-batch bi-encoders retrieval
     metrics (each pair's left side searches all right sides)."""
     from kdship.artifacts import atomic_write_json
-    from kdship.biencoder import biencoder_settings
-    from kdship.data import load_table, tokenize
+    from kdship.biencoder import biencoder_settings, embed_pairs, ranking_metrics, similarities
+    from kdship.data import encode_labels, load_table, tokenize
     from kdship.errors import ConfigError, ModelError
     from kdship.loop import pick_device
-    from kdship.models import load_config, load_tokenizer, max_tokens, task_label_names
+    from kdship.models import build_model, load_config, load_tokenizer, max_tokens, task_label_names
 
     if not cfg.data.eval:
         raise ConfigError("no eval data; pass --data FILE (or data.eval in the recipe)")
@@ -126,10 +126,17 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                        apart=objective == "match")
     result: dict[str, Any] = {"data": {"source": table.source, "fingerprint": table.fingerprint, "n": len(table)},
                               "label_names": names, "device": str(device)}
-    score = _classification if names else _retrieval
+    labels = torch.tensor(encode_labels(table.raw_labels, names, table.source)) if names else None
     outputs = {}
     for role, source in models.items():
-        metrics, outputs[role] = score(cfg, objective, source, tokenizer, encoded, table, names, device)
+        # in-batch models are read by their encoder alone (a teacher's pair head, if any, is not used)
+        model = build_model(objective, source, match_loss=None if names else "in_batch").to(device)
+        if names:
+            outputs[role] = predict_logits(model, tokenizer, encoded, cfg.batch_size, device)
+            metrics = classification_metrics(outputs[role], labels, names, cfg.ece_bins)
+        else:  # the similarity matrix: its rows' top choices give the agreement
+            outputs[role] = similarities(*embed_pairs(model, tokenizer, encoded, cfg.batch_size, device))
+            metrics = {**ranking_metrics(outputs[role]), "n": len(encoded.features)}
         result[role] = {"source": source, **metrics}
     if cfg.teacher:
         result["comparison"] = compare(result["student"], result["teacher"], outputs["student"], outputs["teacher"])
@@ -137,29 +144,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     atomic_write_json(out, result)
     result["output"] = str(out)
     return result
-
-
-def _classification(cfg: EvalConfig, objective: str, source: str, tokenizer: Any, encoded: Encoded, table: Any,
-                    names: list[str], device: torch.device) -> tuple[dict[str, Any], torch.Tensor]:
-    from kdship.data import encode_labels
-    from kdship.models import build_model
-
-    model = build_model(objective, source).to(device)
-    logits = predict_logits(model, tokenizer, encoded, cfg.batch_size, device)
-    labels = torch.tensor(encode_labels(table.raw_labels, names, table.source))
-    return classification_metrics(logits, labels, names, cfg.ece_bins), logits
-
-
-def _retrieval(cfg: EvalConfig, objective: str, source: str, tokenizer: Any, encoded: Encoded, table: Any,
-               names: None, device: torch.device) -> tuple[dict[str, Any], torch.Tensor]:
-    """Retrieval metrics, and the similarity of every left side to every right side (for agreement)."""
-    from kdship.biencoder import embed_pairs, retrieval_metrics
-    from kdship.models import build_model
-
-    model = build_model(objective, source, match_loss="in_batch").to(device)
-    left, right = embed_pairs(model, tokenizer, encoded, cfg.batch_size, device)
-    scores = torch.nn.functional.normalize(left, dim=-1) @ torch.nn.functional.normalize(right, dim=-1).T
-    return {**retrieval_metrics(left, right), "n": len(left)}, scores
 
 
 def print_eval(result: dict[str, Any]) -> None:

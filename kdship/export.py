@@ -14,7 +14,7 @@ import numpy as np
 from kdship.artifacts import RECORD_NAME, atomic_write_json, library_versions, read_record, sha256_file, staged_dir
 from kdship.config import ExportConfig, to_record
 from kdship.data import encode_labels, load_table
-from kdship.errors import CheckFailed, ConfigError, DataError, ModelError
+from kdship.errors import CheckFailed, ConfigError, DataError, KdshipError, ModelError
 
 MANIFEST = "manifest.json"
 
@@ -49,12 +49,30 @@ def _eval_set(cfg: ExportConfig, record: dict[str, Any], model: Any) -> tuple[li
     from kdship.models import label_names_of
 
     source = _data_source(cfg.eval_data, record, "eval", "train")
-    columns = cfg.text_columns or record.get("config", {}).get("data", {}).get("text_columns")
+    columns = _text_columns(cfg, record)
     try:
         table = load_table(source, columns, cfg.label_column, cfg.eval_samples)
     except DataError:  # unlabeled text: parity and agreement only; a missing file raises again just below
         return load_table(source, columns, None, cfg.eval_samples).texts, None
     return table.texts, np.array(encode_labels(table.raw_labels, label_names_of(model.config), table.source))
+
+
+def _text_columns(cfg: ExportConfig, record: dict[str, Any]) -> list[str] | None:
+    """The columns the student was trained on, unless the command line names others."""
+    return cfg.text_columns or record.get("config", {}).get("data", {}).get("text_columns")
+
+
+def _build(exporter: Any, ctx: Any) -> Path:
+    """One variant's file. A library failing on an unusual model is reported in one line (the staged folder is
+    dropped, so nothing half-written remains)."""
+    try:
+        return exporter.build(ctx)
+    except KdshipError:
+        raise
+    except Exception as e:  # torch.onnx, onnxruntime and tensorrt raise many types; all mean "this variant failed"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckFailed(f"export to {exporter.name} failed ({type(e).__name__}: {first}); export the other "
+                          "variants, and report this with the model type") from None
 
 
 def _onnx_io(path: Path) -> dict[str, Any]:
@@ -106,11 +124,11 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     with staged_dir(Path(cfg.output), cfg.overwrite) as out:
         ctx = ExportContext(model, tokenizer, out, cfg)
         if any(e.name == "int8-static" for e in order):
-            calib = load_table(_data_source(cfg.calib_data, record, "train", "eval"), cfg.text_columns, None,
-                               cfg.calib_samples).texts
+            calib = load_table(_data_source(cfg.calib_data, record, "train", "eval"), _text_columns(cfg, record),
+                               None, cfg.calib_samples).texts
             ctx.calibration = batched(tokenizer, calib, names, max_length, size=16)
         for exporter in order:
-            ctx.files[exporter.name] = exporter.build(ctx)
+            ctx.files[exporter.name] = _build(exporter, ctx)
             parity[exporter.name] = check_variant(exporter, ctx.files[exporter.name], cases, reference,
                                                   eval_batches, reference_eval, labels, cfg.max_accuracy_drop)
         print_parity(parity)

@@ -81,8 +81,8 @@ class Member:
 class Objective:
     """What the loop optimises and how it judges progress."""
 
-    # (batch, progress in [0, 1], example indices) -> (loss, logs)
-    step_fn: Callable[[dict[str, Any], float, list[int]], tuple[torch.Tensor, dict[str, float]]]
+    # (batch, optimizer step, progress in [0, 1], example indices) -> (loss, logs)
+    step_fn: Callable[[dict[str, Any], int, float, list[int]], tuple[torch.Tensor, dict[str, float]]]
     evaluate: Callable[[], dict[str, float]] | None  # None without eval data: the last weights are kept
     members: list[Member]
     # state that is not trained but must survive a resume (e.g. sample-selection scores), checkpointed with it
@@ -232,7 +232,7 @@ def fit(cfg: RunConfig, objective: Objective, train: Encoded, tokenizer: Any, ru
                 for bi, indices in enumerate(groups[gi]):
                     mask_seed = hash((cfg.seed, state.epoch, gi, bi)) & 0x7FFFFFFF
                     batch = collate(tokenizer, train, indices, mlm_collator, mask_seed)
-                    loss, logs = objective.step_fn(batch, state.step / total, indices)
+                    loss, logs = objective.step_fn(batch, state.step, state.step / total, indices)
                     (loss / len(groups[gi])).backward()
                     state.samples_seen += objective.trained_of(len(indices)) if objective.trained_of else len(indices)
                 for member in objective.members:

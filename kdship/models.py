@@ -171,6 +171,8 @@ def build_model(objective: str, source: str | None = None, config: Any = None, l
             for key, value in kwargs.items():
                 setattr(config, "_attn_implementation" if key == "attn_implementation" else key, value)
             model = auto.from_config(config)
+            # what from_pretrained would read back: a model built here is known as a classifier at once
+            model.config.architectures = [type(model).__name__]
         else:
             model = auto.from_pretrained(source, **kwargs)
         if hasattr(model.config, SETTINGS_KEY):  # a classifier or MLM made from a bi-encoder is no bi-encoder

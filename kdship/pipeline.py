@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from kdship.artifacts import read_record, staged_dir, write_record
 from kdship.config import DataConfig, DistillConfig, PipelineConfig, StageConfig, to_record
 from kdship.errors import ConfigError, KdshipError
+from kdship.loop import START_FLAGS
 
 STAGES = "stages"
 
@@ -153,9 +154,8 @@ def run_pipeline(p: PipelineConfig) -> dict[str, Any]:
 
 
 def _check_same_settings(stage: Stage, finished: dict[str, Any]) -> None:
-    ignore = ("resume", "overwrite")
-    now = {k: v for k, v in to_record(stage.config).items() if k not in ignore}
-    then = {k: v for k, v in finished.get("config", {}).items() if k not in ignore}
+    now = {k: v for k, v in to_record(stage.config).items() if k not in START_FLAGS}
+    then = {k: v for k, v in finished.get("config", {}).items() if k not in START_FLAGS}
     if then != now:
         differing = sorted(k for k in now if now.get(k) != then.get(k))
         raise ConfigError(f"stage {stage.spec.name!r} was finished with other settings ({', '.join(differing)}); "

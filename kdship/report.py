@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from kdship.artifacts import atomic_write_text
+from kdship.artifacts import atomic_write_bytes, atomic_write_text
 from kdship.config import ReportConfig
 from kdship.runs import Runs, collect, headline_metrics
 
@@ -253,11 +253,7 @@ def report(cfg: ReportConfig) -> dict[str, Any]:
     assets = out.with_suffix("").name + "_assets"
     page, markdown, images = render(build_sections(runs), cfg.title, assets)
     for name, png in images.items():
-        target = out.parent / assets / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        tmp.write_bytes(png)
-        tmp.replace(target)
+        atomic_write_bytes(out.parent / assets / name, png)
     atomic_write_text(out.with_suffix(".md"), markdown)
     atomic_write_text(out, page)
     return {"output": str(out), "markdown": str(out.with_suffix(".md")), "plots": sorted(images)}

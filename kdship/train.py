@@ -138,10 +138,10 @@ def _tokenizer_for(cfg: TrainConfig, run_dir: Path) -> Any:
     return tokenizer
 
 
-def _build_train_model(cfg: TrainConfig, tokenizer: Any, data: RunData) -> nn.Module:
+def _build_train_model(cfg: TrainConfig, tokenizer: Any, data: RunData, config: Any) -> nn.Module:
+    """The model to train: from cfg.model, or fresh from `config` (the parsed --init spec)."""
     if cfg.model:
         return build_model(cfg.objective, source=cfg.model, label_names=data.label_names, match_loss=cfg.match_loss)
-    config = config_from_spec(cfg.init)
     if "vocab=" not in cfg.init:
         config.vocab_size = len(tokenizer)
     config.pad_token_id = tokenizer.pad_token_id
@@ -168,7 +168,7 @@ def _train(cfg: TrainConfig, output: Path, run_dir: Path) -> dict[str, Any]:
     source_config = load_config(cfg.model, "model") if cfg.model else config_from_spec(cfg.init)
     data = load_run_data(cfg, tokenizer, task_label_names(cfg.objective, source_config),
                          max_tokens(cfg.data.max_length, source_config))
-    model = _build_train_model(cfg, tokenizer, data).to(device)
+    model = _build_train_model(cfg, tokenizer, data, source_config).to(device)
     collator = mlm_collator_for(cfg, tokenizer)
     evaluate, metric, higher = model_evaluator(cfg, model, tokenizer, data, device, autocast, collator)
 
@@ -183,9 +183,9 @@ def _train(cfg: TrainConfig, output: Path, run_dir: Path) -> dict[str, Any]:
     ) if cfg.reverse_from else None
     selector = build_selector(cfg, model, tokenizer, data.train, device, autocast) if cfg.select_by else None
 
-    def step(batch: dict[str, Any], progress: float, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+    def step(batch: dict[str, Any], step_no: int, progress: float,
+             indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         batch = {k: v.to(device) for k, v in batch.items()}
-        step_no = round(progress * total)
         if selector is not None:
             batch = rows_of(batch, selector.choose(batch, indices, step_no))
         with autocast():

@@ -9,3 +9,14 @@ def console():
     from rich.console import Console
 
     return Console(width=None if sys.stdout.isatty() else 140)
+
+
+def quiet_libraries() -> None:
+    """Our own progress bar and messages are the output; transformers' per-file bars and hints are noise."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()

@@ -49,7 +49,10 @@ def test_bench_writes_every_field_for_torch_and_ort_cpu(runs):
 
 
 def test_bench_bad_inputs(runs, tmp_path):
+    (tmp_path / "weights-only").mkdir()
+    (tmp_path / "weights-only" / "model.safetensors").write_bytes(b"")  # a folder without config.json
     for args, message in [
+        (["bench", tmp_path / "weights-only", "--backend", "torch"], "could not be loaded"),
         (["bench", tmp_path / "missing"], "not found"),
         (["bench", runs / "student-artifact", "--backend", "onnx-gpu"], "valid backends: ort-cpu"),
         (["bench", runs / "student-artifact", "--backend", "ort-cuda"], "not available here"),

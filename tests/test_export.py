@@ -116,11 +116,36 @@ def _user_error(result, message):
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
 
 
+def test_a_failing_exporter_is_one_line_and_leaves_nothing(teacher_dir, tmp_path):
+    @register_exporter("crashing", "model_crashing.onnx", "fp32", Tolerance(max_abs=1e-4, min_agreement=1.0))
+    def export_crashing(ctx: ExportContext) -> Path:
+        """Raises what a library raises on a model it cannot handle (test only)."""
+        (ctx.out_dir / "model_crashing.onnx").write_bytes(b"half")
+        raise RuntimeError("unsupported operator aten::frobnicate\nlong library trace")
+
+    try:
+        result = kdship("export", teacher_dir, "--to", "crashing", "-o", tmp_path / "art")
+    finally:
+        EXPORTERS.pop("crashing")
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "export to crashing failed (RuntimeError: unsupported operator aten::frobnicate)" in result.stderr
+    assert not (tmp_path / "art").exists() and not list(tmp_path.glob(".art*"))
+
+
+def test_ort_opt_alone_is_built_from_its_own_export(teacher_dir, tmp_path):
+    kdship_ok("export", teacher_dir, "--to", "ort-opt", "--opset", "23", "-o", tmp_path / "art")
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert set(manifest["variants"]) == {"ort-opt"} and not (tmp_path / "art" / "model.onnx").exists()
+    assert manifest["variants"]["ort-opt"]["details"]["opset"] == 20  # the TorchScript exporter's newest
+    assert manifest["variants"]["ort-opt"]["parity"]["passed"]
+
+
 def test_export_bad_inputs(teacher_dir, artifact, tmp_path):
     _user_error(kdship("export", tmp_path / "nope", "-o", tmp_path / "a"), "not found")
     _user_error(kdship("export", teacher_dir, "--to", "onnx", "-o", artifact), "--overwrite")
     _user_error(kdship("export", teacher_dir, "--to", "tflite", "-o", tmp_path / "a"), "valid targets: onnx")
     _user_error(kdship("export", teacher_dir, "--opset", "13", "-o", tmp_path / "a"), "opset: Input should be greater than or equal to 18")
+    _user_error(kdship("export", teacher_dir, "--opset", "24", "-o", tmp_path / "a"), "opset: Input should be less than or equal to 23")
     _user_error(kdship("export", teacher_dir, "--to", "int8-static", "--calib-data", tmp_path / "missing.tsv",
                        "-o", tmp_path / "a"), "not found")
     assert not (tmp_path / "a").exists()

@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -81,6 +83,7 @@ def create_app(model: ServedModel, cfg: ServeConfig) -> FastAPI:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     registry, metrics = _metrics()
+    model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdship-model")
     batcher = DynamicBatcher(model.predict, cfg.max_batch, cfg.max_wait_ms / 1000,
                              on_batch=metrics["batch"].observe)
 
@@ -91,6 +94,7 @@ def create_app(model: ServedModel, cfg: ServeConfig) -> FastAPI:
         yield
         if cfg.batching:
             await batcher.stop()
+        model_thread.shutdown(wait=True)
 
     app = FastAPI(title=f"kdship: {model.name}", lifespan=lifespan)
 
@@ -114,7 +118,9 @@ def create_app(model: ServedModel, cfg: ServeConfig) -> FastAPI:
             if cfg.batching:
                 predictions = await batcher.submit(texts)
             else:
-                predictions = await asyncio.to_thread(model.predict, texts)  # keeps /health answering meanwhile
+                # one model call at a time (a TensorRT context, a fast tokenizer are not thread-safe), off the event
+                # loop so /health keeps answering meanwhile
+                predictions = await asyncio.get_running_loop().run_in_executor(model_thread, model.predict, texts)
                 metrics["batch"].observe(len(texts))
         except Exception as e:  # the model failed, not the request: say so in JSON, and keep serving
             return JSONResponse({"error": {"code": 500, "message": f"model failed: {e}"}}, status_code=500)

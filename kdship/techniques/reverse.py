@@ -11,6 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdship.biencoder import targets, token_mask
+from kdship.losses import LossInputs, get_loss, hidden_mse
+
 SCHEDULES = ("linear", "cosine", "step")
 
 
@@ -57,9 +60,6 @@ class ReverseDistillation:
     def loss(self, task: Tensor, out: Any, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Any]]:
         """(1 - α)·task + α·distill, and what to log. Called only while α > 0: afterwards the small model is not
         run at all."""
-        from kdship.biencoder import targets, token_mask
-        from kdship.losses import LossInputs, get_loss, hidden_mse
-
         alpha = self.alpha(step)
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         with torch.no_grad(), self.autocast():

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdship.biencoder import targets
 from kdship.config import RunConfig
 from kdship.data import Encoded
 
@@ -29,8 +30,6 @@ def per_example_loss(logits: Tensor, labels: Tensor) -> Tensor:
 def example_losses(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Each example's loss under `model`: against its label, its masked tokens, or (in-batch matching, where a
     batch has no labels) its own partner among the batch's."""
-    from kdship.biencoder import targets
-
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     return per_example_loss(logits, targets(batch, logits))
 

@@ -15,13 +15,6 @@ from kdship.models import (build_model, check_tokenizers_match, is_mlm, load_con
                            task_label_names)
 
 
-def trained_label_names(objective: str, model: nn.Module) -> list[str] | None:
-    """The labels of a model being trained (built from a config, so not always marked as a classifier)."""
-    if objective == "classify":
-        return [str(model.config.id2label[i]) for i in range(model.config.num_labels)]
-    return task_label_names(objective, model.config)
-
-
 def load_small_model(source: str, role: str, cfg: RunConfig, tokenizer: Any, large: nn.Module,
                      device: torch.device) -> nn.Module:
     config = load_config(source, role)
@@ -29,7 +22,7 @@ def load_small_model(source: str, role: str, cfg: RunConfig, tokenizer: Any, lar
     if cfg.objective == "mlm" and (not is_mlm(config) or config.vocab_size != large.config.vocab_size):
         raise ModelError(f"{role} {source} needs a masked-LM head over the same {large.config.vocab_size}-token "
                          "vocabulary; use a small model made with kdship train --objective mlm and this tokenizer")
-    expected = trained_label_names(cfg.objective, large)
+    expected = task_label_names(cfg.objective, large.config)
     if cfg.labelled and task_label_names(cfg.objective, config) != expected:
         kind = "pair-classifying bi-encoder" if cfg.objective == "match" else "classifier"
         raise ModelError(f"{role} {source} is not a {kind} with the labels {expected} of the model being trained; "
