@@ -141,13 +141,15 @@ class TrainConfig(RunConfig):
 
 
 def named_students(v: Any) -> Any:
-    """A list of students (4L312, specs, paths) becomes name -> source, names made folder-safe."""
-    if not isinstance(v, list):
+    """Students as name -> source: a list (4L312, specs, paths) is named after its entries; either way the names
+    become folder names, so they are made folder-safe."""
+    if not isinstance(v, (list, dict)):
         return v
-    names = [re.sub(r"[^A-Za-z0-9_.-]+", "_", str(s)).strip("_") or f"student{i}" for i, s in enumerate(v)]
+    pairs = list(v.items()) if isinstance(v, dict) else [(s, s) for s in v]
+    names = [re.sub(r"[^A-Za-z0-9_.-]+", "_", str(n)).strip("_.") or f"student{i}" for i, (n, _) in enumerate(pairs)]
     if len(set(names)) != len(names):
         raise ValueError(f"students must differ, got {v}")
-    return dict(zip(names, v))
+    return dict(zip(names, (source for _, source in pairs)))
 
 
 def _default_losses() -> list[LossSpec]:
@@ -379,8 +381,15 @@ class ReportConfig(Strict):
     """`kdship report`: HTML (and Markdown) from saved run folders."""
 
     runs: list[str] = Field(min_length=1)
-    output: str = "report.html"
+    output: str = Field("report.html", description="HTML path; the Markdown goes beside it, as .md")
     title: str = "kdship report"
+
+    @field_validator("output")
+    @classmethod
+    def _not_markdown(cls, v: str) -> str:
+        if v.lower().endswith(".md"):
+            raise ValueError("give the HTML path (e.g. report.html); the Markdown is written beside it as .md")
+        return v
 
 
 class SpeedBudget(Strict):

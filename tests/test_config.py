@@ -72,3 +72,12 @@ TRAIN_RECIPES = {"reverse_warmup.yaml": {"init": "bert:layers=2", "reverse_from"
 def test_eval_config_requires_a_student():
     with pytest.raises(ConfigError, match="student: Field required"):
         build_config(EvalConfig)
+
+
+def test_student_names_become_folder_safe_and_report_output_is_html():
+    from kdship.config import ReportConfig
+
+    named = build_config(DistillConfig, students={"../up": "4L312", "ok": "2L64"}).students
+    assert named == {"up": "4L312", "ok": "2L64"}  # names are folders under the output: no escaping it
+    with pytest.raises(ConfigError, match="give the HTML path"):
+        build_config(ReportConfig, runs=["runs"], output="report.md")  # would overwrite its own Markdown
