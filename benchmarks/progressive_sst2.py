@@ -116,9 +116,9 @@ def multi_vs_separate(s: dict[str, Any], teacher: str, work: Path) -> dict[str, 
 def mlm_perplexity(s: dict[str, Any], minilm: Path, work: Path) -> dict[str, Any]:
     from kdship.data import load_table, tokenize
     from kdship.evaluate import mlm_loss
-    from kdship.loop import pick_device
+    from kdship.runtime import pick_device
     from kdship.models import build_model, load_tokenizer
-    from kdship.train import mlm_collator_for
+    from kdship.run import mlm_collator_for
 
     wiki = work / "wiki.valid.txt"
     lines = [line.strip() for line in (SHARED / "data" / "wikitext2" / "wiki.valid.tokens").read_text().splitlines()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
-from kdship.data import SECOND  # suffix of the right side's inputs: input_ids_b, attention_mask_b, ...
+from kdship.data import SECOND, partners  # SECOND: suffix of the right side's inputs (input_ids_b, ...)
 
 SETTINGS_KEY = "kdship_biencoder"
 HEAD_WEIGHTS = "biencoder_head.safetensors"
@@ -85,33 +85,20 @@ class BiEncoder(nn.Module):
         return BiEncoderOutput(loss=loss, logits=logits, hidden_states=_stack(left.hidden_states, right.hidden_states),
                                attentions=_stack(left.attentions, right.attentions))
 
-    def save_pretrained(self, folder: str | Path) -> None:
+    def save_pretrained(self, folder: str | Path, state_dict: dict[str, Tensor] | None = None) -> None:
+        """The encoder's folder and the pair head beside it; `state_dict` (this module's, e.g. gathered from FSDP
+        shards) replaces the live weights."""
         from safetensors.torch import save_file
 
-        self.encoder.save_pretrained(folder)
+        state = state_dict if state_dict is not None else self.state_dict()
+        part = lambda prefix: {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
+        self.encoder.save_pretrained(folder, state_dict=part("encoder."))
         if self.classifier is not None:
-            save_file({k: v.contiguous() for k, v in self.classifier.state_dict().items()}, Path(folder) / HEAD_WEIGHTS)
+            save_file({k: v.contiguous() for k, v in part("classifier.").items()}, Path(folder) / HEAD_WEIGHTS)
 
 
 def _stack(left: tuple[Tensor, ...] | None, right: tuple[Tensor, ...] | None) -> tuple[Tensor, ...] | None:
     return None if left is None else tuple(torch.cat([a, b]) for a, b in zip(left, right))
-
-
-def partners(n: int, device: torch.device) -> Tensor:
-    """The in-batch targets: row i's partner is column i."""
-    return torch.arange(n, device=device)
-
-
-def targets(batch: dict[str, Tensor], logits: Tensor) -> Tensor:
-    """The labels a batch's logits are scored against: its labels, or for in-batch matching the partners."""
-    return batch["labels"] if "labels" in batch else partners(len(logits), logits.device)
-
-
-def token_mask(batch: dict[str, Tensor]) -> Tensor:
-    """The real-token mask of the hidden states a model returns for this batch (both sides for pairs)."""
-    if "attention_mask" + SECOND in batch:
-        return torch.cat([batch["attention_mask"], batch["attention_mask" + SECOND]])
-    return batch["attention_mask"]
 
 
 def build_biencoder(source: str | None = None, config: Any = None, label_names: list[str] | None = None,

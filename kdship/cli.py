@@ -74,6 +74,8 @@ Device = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cu
 Precision = Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 on CUDA) | fp32 | bf16")]
 Resume = Annotated[Optional[bool], typer.Option("--resume", help="continue an interrupted run from its checkpoint")]
 Overwrite = Annotated[Optional[bool], typer.Option("--overwrite", help="replace an existing output")]
+Sharding = Annotated[Optional[str], typer.Option("--sharding", help="with several processes: ddp (a copy of the "
+                                                                    "trained model per device) | fsdp (sharded)")]
 
 
 def _data(train: str | None = None, eval: str | None = None, text_columns: list[str] | None = None,
@@ -84,13 +86,22 @@ def _data(train: str | None = None, eval: str | None = None, text_columns: list[
 
 
 def _selection(by: str | None, ratio: float | None, mode: str | None, refresh: int | None) -> dict[str, Any]:
-    return {"select_by": by, "select_ratio": ratio, "select_mode": mode, "select_refresh": refresh}
+    """The --select-* flags: the CLI spelling of the recipe's `selection:` section."""
+    return {"by": by, "ratio": ratio, "mode": mode, "refresh": refresh}
+
+
+def _echo(line: str) -> None:
+    """A result line, from rank 0 only when a launcher started several processes."""
+    from kdship.runtime import is_main_process
+
+    if is_main_process():
+        typer.echo(line)
 
 
 def _print_run(result: dict[str, Any]) -> None:
     metrics = {k: v for k, v in result.get("metrics", {}).items() if isinstance(v, float)}
     shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-    typer.echo(f"wrote {result['output']}  {shown}")
+    _echo(f"wrote {result['output']}  {shown}")
 
 
 @command
@@ -113,8 +124,8 @@ def train(
     max_length: MaxLength = None, max_train_samples: MaxTrain = None, max_eval_samples: MaxEval = None,
     objective: Objective = None, epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None,
     grad_accum: GradAccum = None, lr: Lr = None, eval_every: EvalEvery = None, save_every: SaveEvery = None,
-    seed: Seed = None, device: Device = None, precision: Precision = None, output: Output = None,
-    recipe: Recipe = None, resume: Resume = None, overwrite: Overwrite = None,
+    seed: Seed = None, device: Device = None, precision: Precision = None, sharding: Sharding = None,
+    output: Output = None, recipe: Recipe = None, resume: Resume = None, overwrite: Overwrite = None,
 ) -> None:
     """Fine-tune (or --objective mlm pretrain) one model: how teachers are made; with reverse distillation from a
     small model, or sample-value selection by one."""
@@ -123,9 +134,9 @@ def train(
 
     cfg = build_config(
         TrainConfig, recipe, model=model, init=init, tokenizer=tokenizer, vocab_size=vocab_size,
-        reverse_from=reverse_from, reverse_steps=reverse_steps, reverse_schedule=reverse_schedule,
-        reverse_temperature=reverse_temperature, reverse_hidden=reverse_hidden, match_loss=match_loss,
-        **_selection(select_by, select_ratio, select_mode, select_refresh),
+        reverse={"from": reverse_from, "steps": reverse_steps, "schedule": reverse_schedule,
+                 "temperature": reverse_temperature, "hidden_weight": reverse_hidden}, match_loss=match_loss,
+        selection=_selection(select_by, select_ratio, select_mode, select_refresh), sharding=sharding,
         data=_data(data, eval_data, text_column, label_column, max_length, max_train_samples, max_eval_samples),
         objective=objective, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
         lr=lr, eval_every=eval_every, save_every=save_every, seed=seed, device=device, precision=precision,
@@ -170,6 +181,8 @@ def distill(
     students: Annotated[Optional[str], typer.Option("--students", help="several in one pass: 4L312,6L768 (layers L "
                                                     "width), specs or folders, comma-separated")] = None,
     teacher_cache: Annotated[Optional[str], typer.Option("--teacher-cache", help="auto | off")] = None,
+    teacher_sharding: Annotated[Optional[str], typer.Option("--teacher-sharding", help="with several processes: "
+                                                            "replicate (a teacher per device) | fsdp (sharded)")] = None,
     loss: Annotated[Optional[list[str]], typer.Option("--loss", help="name[:weight[:weight_end]], repeatable")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature")] = None,
     layer_map: Annotated[Optional[str], typer.Option("--layer-map", help="e.g. 0,2,4 (teacher hidden index per "
@@ -180,48 +193,26 @@ def distill(
     max_length: MaxLength = None, max_train_samples: MaxTrain = None, max_eval_samples: MaxEval = None,
     objective: Objective = None, epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None,
     grad_accum: GradAccum = None, lr: Lr = None, eval_every: EvalEvery = None, save_every: SaveEvery = None,
-    seed: Seed = None, device: Device = None, precision: Precision = None, output: Output = None,
-    recipe: Recipe = None, resume: Resume = None, overwrite: Overwrite = None,
+    seed: Seed = None, device: Device = None, precision: Precision = None, sharding: Sharding = None,
+    output: Output = None, recipe: Recipe = None, resume: Resume = None, overwrite: Overwrite = None,
 ) -> None:
     """Distill students from a teacher: soft/hard labels, hidden-state and attention matching, MLM or feature
     objectives, several students in one pass, progressive pipelines (a recipe with stages:)."""
-    from kdship.config import DistillConfig, PipelineConfig, build_config, read_recipe
-    from kdship.distill import distill as run
+    from kdship.pipeline import distill_recipe
 
-    if recipe and "stages" in read_recipe(recipe):
-        from kdship.pipeline import run_pipeline
-
-        per_stage = dict(teacher=teacher, data=data, eval_data=eval_data, loss=loss, objective=objective,
-                         text_column=text_column, label_column=label_column, max_length=max_length,
-                         max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, layer_map=layer_map,
-                         match_loss=match_loss)
-        given = [f"--{k.replace('_', '-')}" for k, v in per_stage.items() if v]
-        if given:
-            from kdship.errors import ConfigError
-
-            raise ConfigError(f"with a pipeline recipe, {', '.join(given)} belong in the recipe (per stage, or its "
-                              "datasets); the command line sets students, output and training settings")
-        common = {k: v for k, v in dict(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
-                                        grad_accum=grad_accum, eval_every=eval_every, save_every=save_every,
-                                        temperature=temperature, teacher_cache=teacher_cache,
-                                        **_selection(select_by, select_ratio, select_mode, select_refresh)).items()
-                  if v is not None}
-        pipeline = build_config(PipelineConfig, recipe, student=student, students=_split_students(students),
-                                output=output, seed=seed, device=device, precision=precision, resume=resume,
-                                overwrite=overwrite)
-        result = run_pipeline(pipeline.model_copy(update={"common": {**pipeline.common, **common}}))
-        typer.echo(f"wrote {result['output']}: final {', '.join(result['final'].values())}")
-        return
-    cfg = build_config(
-        DistillConfig, recipe, teacher=teacher, student=student, losses=_losses(loss), temperature=temperature,
-        students=_split_students(students), teacher_cache=teacher_cache,
+    result = distill_recipe(
+        recipe, teacher=teacher, student=student, losses=_losses(loss), temperature=temperature,
+        students=_split_students(students), teacher_cache=teacher_cache, teacher_sharding=teacher_sharding,
         layer_map=layer_map.split(",") if layer_map else None, match_loss=match_loss,
-        **_selection(select_by, select_ratio, select_mode, select_refresh),
+        selection=_selection(select_by, select_ratio, select_mode, select_refresh), sharding=sharding,
         data=_data(data, eval_data, text_column, label_column, max_length, max_train_samples, max_eval_samples),
         objective=objective, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
         lr=lr, eval_every=eval_every, save_every=save_every, seed=seed, device=device, precision=precision,
         output=output, resume=resume, overwrite=overwrite)
-    _print_run(run(cfg))
+    if "final" in result:  # a pipeline
+        _echo(f"wrote {result['output']}: final {', '.join(result['final'].values())}")
+    else:
+        _print_run(result)
 
 
 @command(name="eval")

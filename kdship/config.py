@@ -57,6 +57,52 @@ class LossSpec(Strict):
         return v
 
 
+class SelectionConfig(Strict):
+    """Sample-value selection: a small trained model judges which samples are worth a step."""
+
+    by: str = Field(description="the small scoring model (folder or hub id)")
+    ratio: float = Field(0.5, gt=0, le=1, description="fraction of scored samples that get the step")
+    mode: Literal["topk", "weighted"] = Field(
+        "topk", description="topk: the highest values; weighted: sampled with probability softmax(value)")
+    refresh: int = Field(1, ge=1, description="reuse a sample's score by the trained model for K steps (across "
+                                              "epochs); 1 scores every candidate afresh")
+
+
+class ReverseConfig(Strict):
+    """Reverse distillation: a small trained model teaches the trained model early on, with a decaying weight."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True, serialize_by_alias=True)
+
+    from_: str = Field(alias="from", description="the small trained model (folder or hub id)")
+    steps: int = Field(ge=1, description="steps over which its weight decays to 0")
+    schedule: Literal["linear", "cosine", "step"] = "linear"
+    temperature: float = Field(2.0, gt=0)
+    start: float = Field(1.0, gt=0, le=1, description="weight of the small model's KD at step 0")
+    hidden_weight: float = Field(0.0, ge=0, description="weight of hidden-state matching (MSE through learned "
+                                                        "projections, large -> small width) beside the KD term")
+
+
+# Flat spellings of nested technique settings (recipes written before the nesting, and the CLI flags' names).
+FLAT_SPELLINGS = {"select_by": ("selection", "by"), "select_ratio": ("selection", "ratio"),
+                  "select_mode": ("selection", "mode"), "select_refresh": ("selection", "refresh"),
+                  "reverse_from": ("reverse", "from"), "reverse_steps": ("reverse", "steps"),
+                  "reverse_schedule": ("reverse", "schedule"), "reverse_temperature": ("reverse", "temperature"),
+                  "reverse_start": ("reverse", "start"), "reverse_hidden": ("reverse", "hidden_weight")}
+
+
+def nest_flat_spellings(values: Any) -> Any:
+    """select_by: X -> selection: {by: X} (and the other flat spellings): old recipes keep loading."""
+    if not isinstance(values, dict) or not FLAT_SPELLINGS.keys() & values.keys():
+        return values
+    values = dict(values)
+    for flat, (group, key) in FLAT_SPELLINGS.items():
+        if flat in values:
+            value = values.pop(flat)
+            if value is not None:
+                values[group] = {**(values.get(group) or {}), key: value}
+    return values
+
+
 class RunConfig(Strict):
     """What every training run shares: output, data, optimisation, loop, checkpoints."""
 
@@ -87,12 +133,10 @@ class RunConfig(Strict):
     precision: Precision = "auto"
     overwrite: bool = False
     resume: bool = False
-    select_by: str | None = Field(None, description="sample-value selection: the small scoring model")
-    select_ratio: float = Field(0.5, gt=0, le=1, description="fraction of scored samples that get the step")
-    select_mode: Literal["topk", "weighted"] = Field(
-        "topk", description="topk: the highest values; weighted: sampled with probability softmax(value)")
-    select_refresh: int = Field(1, ge=1, description="reuse a sample's score by the trained model for K steps "
-                                                     "(across epochs); 1 scores every candidate afresh")
+    sharding: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="with several processes: ddp (a full copy of each trained model per device, gradients "
+                           "averaged) or fsdp (its weights, gradients and optimizer state sharded across devices)")
+    selection: SelectionConfig | None = Field(None, description="sample-value selection (technique)")
 
     @property
     def labelled(self) -> bool:
@@ -100,17 +144,22 @@ class RunConfig(Strict):
         depend on it alone, with no random masking or batch neighbours, so they can be computed once and cached."""
         return self.objective == "classify" or (self.objective == "match" and self.match_loss == "classify")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nest(cls, values: Any) -> Any:
+        return nest_flat_spellings(values)
+
     @model_validator(mode="after")
     def _consistent_run(self) -> "RunConfig":
         if "match_loss" in self.model_fields_set and self.objective != "match":
             raise ValueError("match_loss applies to objective match only; drop it or set objective: match")
-        if self.select_by and self.objective == "features":
+        if self.selection and self.objective == "features":
             raise ValueError("sample-value selection scores samples by their task loss, which objective features "
                              "does not have; use classify, mlm or match")
-        if self.select_by and self.select_refresh > 1 and self.objective == "match" and not self.labelled:
+        if self.selection and self.selection.refresh > 1 and self.objective == "match" and not self.labelled:
             # an in-batch loss depends on the whole batch: a score kept from another batch is not comparable
-            raise ValueError("select_refresh > 1 cannot be used with in-batch matching (a pair's loss depends on "
-                             "its batch); use select_refresh 1")
+            raise ValueError("selection.refresh > 1 cannot be used with in-batch matching (a pair's loss depends "
+                             "on its batch); use refresh 1")
         return self
 
 
@@ -121,22 +170,12 @@ class TrainConfig(RunConfig):
     init: str | None = Field(None, description="shape spec, e.g. bert:layers=12,hidden=768,heads=12,ffn=3072")
     tokenizer: str | None = Field(None, description="tokenizer dir/hub id; default: the model's, or trained on the data")
     vocab_size: int = Field(8000, ge=100, description="size of a tokenizer trained on the data (with --init)")
-    reverse_from: str | None = Field(None, description="reverse distillation: a small trained model teaches early on")
-    reverse_steps: int | None = Field(None, ge=1, description="steps over which its weight decays to 0")
-    reverse_schedule: Literal["linear", "cosine", "step"] = "linear"
-    reverse_temperature: float = Field(2.0, gt=0)
-    reverse_start: float = Field(1.0, gt=0, le=1, description="weight of the small model's KD at step 0")
-    reverse_hidden: float = Field(0.0, ge=0, description="weight of hidden-state matching (MSE through learned "
-                                                         "projections, large -> small width) beside the KD term")
+    reverse: ReverseConfig | None = Field(None, description="reverse distillation (technique)")
 
     @model_validator(mode="after")
     def _one_source(self) -> "TrainConfig":
         if (self.model is None) == (self.init is None):
             raise ValueError("give exactly one of model (a path or hub id) or init (a shape spec)")
-        if (self.reverse_from is None) != (self.reverse_steps is None):
-            raise ValueError("reverse distillation needs both reverse_from (the small model) and reverse_steps")
-        if self.reverse_hidden and self.reverse_from is None:
-            raise ValueError("reverse_hidden weighs reverse distillation's hidden matching; it needs reverse_from")
         return self
 
 
@@ -165,6 +204,9 @@ class DistillConfig(RunConfig):
         None, description="several students trained in one pass: a list (4L312, 6L768, specs, paths) or name: source")
     teacher_cache: Literal["auto", "off"] = Field(
         "auto", description="auto: precompute the teacher's logits once when the losses need nothing else")
+    teacher_sharding: Literal["replicate", "fsdp"] = Field(
+        "replicate", description="with several processes: a full teacher per device, or its weights sharded "
+                                 "across devices with FSDP (a teacher that does not fit one device)")
     losses: list[LossSpec] = Field(default_factory=_default_losses)
     temperature: float = Field(2.0, gt=0)
     layer_map: list[int] | None = Field(
@@ -183,9 +225,9 @@ class DistillConfig(RunConfig):
             raise ValueError("give student or students, not both")
         if self.students is not None and len(self.students) < 1:
             raise ValueError("students is empty")
-        if self.select_by and self.students:
+        if self.selection and self.students:
             raise ValueError("sample-value selection scores samples for one trained model; with several students, "
-                             "distill them without select_by (or one at a time)")
+                             "distill them without selection (or one at a time)")
         if self.objective == "features":
             from kdship.losses import LOSSES
 
@@ -210,18 +252,20 @@ class EvalConfig(Strict):
 C = TypeVar("C", bound=BaseModel)
 
 
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
 
 
-def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (_drop_none(v) if isinstance(v, dict) else v) for k, v in d.items() if v is not None}
+def drop_unset(d: dict[str, Any]) -> dict[str, Any]:
+    """Flags left unset (None, or a group of them) do not override the recipe."""
+    kept = {k: (drop_unset(v) if isinstance(v, dict) else v) for k, v in d.items() if v is not None}
+    return {k: v for k, v in kept.items() if v != {}}
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
@@ -263,7 +307,7 @@ def _valid_keys_hint(model: type[BaseModel], loc: tuple) -> str:
 
 def build_config(cls: type[C], recipe: str | Path | None = None, **flags: Any) -> C:
     """Defaults < recipe < flags (flags left as None do not override)."""
-    merged = _deep_merge(read_recipe(recipe) if recipe else {}, _drop_none(flags))
+    merged = deep_merge(nest_flat_spellings(read_recipe(recipe) if recipe else {}), drop_unset(flags))
     try:
         return cls.model_validate(merged)
     except ValidationError as e:
@@ -440,10 +484,12 @@ class GateConfig(Strict):
     update_baseline: bool = False
 
 
-STAGE_SETTINGS = ("objective", "losses", "temperature", "layer_map", "epochs", "max_steps", "batch_size", "lr",
-                  "warmup_ratio", "schedule", "grad_accum", "eval_every", "save_every", "teacher_cache",
-                  "init_from_teacher", "mlm_probability", "weight_decay", "max_grad_norm", "eval_batch_size",
-                  "match_loss", "select_by", "select_ratio", "select_mode", "select_refresh")
+# What a pipeline sets once for all stages (PipelineConfig's own fields), or per stage by name (teacher, data):
+# every other DistillConfig field is a stage setting.
+PIPELINE_FIELDS = ("output", "student", "students", "teacher", "data", "seed", "device", "precision", "resume",
+                   "overwrite")
+STAGE_SETTINGS = tuple(k for k in DistillConfig.model_fields if k not in PIPELINE_FIELDS) + tuple(
+    flat for flat, (group, _) in FLAT_SPELLINGS.items() if group in DistillConfig.model_fields)
 
 
 class StageConfig(Strict):

@@ -278,6 +278,27 @@ def _pad_pairs(tokenizer: Any, feats: list[dict[str, list[int]]]) -> dict[str, A
     return batch
 
 
+def partners(n: int, device: Any) -> Any:
+    """The in-batch targets of a dual-tower batch: row i's partner is column i."""
+    import torch
+
+    return torch.arange(n, device=device)
+
+
+def targets(batch: dict[str, Any], logits: Any) -> Any:
+    """The labels a batch's logits are scored against: its labels, or for in-batch matching the partners."""
+    return batch["labels"] if "labels" in batch else partners(len(logits), logits.device)
+
+
+def token_mask(batch: dict[str, Any]) -> Any:
+    """The real-token mask of the hidden states a model returns for this batch (both sides for pairs)."""
+    import torch
+
+    if "attention_mask" + SECOND in batch:
+        return torch.cat([batch["attention_mask"], batch["attention_mask" + SECOND]])
+    return batch["attention_mask"]
+
+
 def iterate_batches(tokenizer: Any, encoded: Encoded, batch_size: int) -> Iterator[tuple[list[int], dict[str, Any]]]:
     """Evaluation order: length-bucketed, unshuffled; yields (indices, batch)."""
     for indices in bucket_batches(encoded.lengths(), batch_size, seed=0, shuffle=False):

@@ -99,7 +99,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from kdship.biencoder import biencoder_settings, embed_pairs, ranking_metrics, similarities
     from kdship.data import encode_labels, load_table, tokenize
     from kdship.errors import ConfigError, ModelError
-    from kdship.loop import pick_device
+    from kdship.runtime import pick_device
     from kdship.models import build_model, load_config, load_tokenizer, max_tokens, task_label_names
 
     if not cfg.data.eval:

@@ -1,5 +1,6 @@
 """The training loop shared by `train` and `distill`: optimizer, schedule, accumulation, periodic evaluation,
-best-checkpoint keeping, resumable checkpoints, progress. What a step computes is the caller's `step_fn`."""
+best-checkpoint keeping, resumable checkpoints, progress, over one process or several. What a step computes is the
+caller's `step` (which techniques may have wrapped)."""
 
 from __future__ import annotations
 
@@ -9,50 +10,75 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from kdship.config import RunConfig, to_record
 from kdship.data import Encoded, bucket_batches, collate
 from kdship.errors import ConfigError
+from kdship.runtime import Runtime, full_state_dict, load_full_state_dict, unwrapped
+from kdship.trainee import Trainee
 
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "kdship-checkpoint/2"
 BEST = "best"
 LOG_EVERY = 10  # steps between loss read-outs in the progress line
 # Flags that say how to start a run, not what the run is: they may differ between a run and its resume.
 START_FLAGS = ("resume", "overwrite")
 
 
-def pick_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda was asked for but CUDA is not available here; use --device cpu or auto")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+@dataclass
+class StepInput:
+    """One micro-batch as a step sees it. Techniques may narrow it (`rows`) or ask the trained model for more
+    outputs (`asking`) before handing it on."""
+
+    tensors: dict[str, Tensor]  # on the device
+    indices: list[int]  # the examples' positions in the training data
+    step: int  # optimizer step, 0-based
+    progress: float  # step / total steps
+    outputs: frozenset[str] = frozenset()  # extra outputs of the trained model's forward (hidden_states, heads)
+
+    def asking(self, *outputs: str) -> "StepInput":
+        return replace(self, outputs=self.outputs | set(outputs))
+
+    def rows(self, rows: Tensor) -> "StepInput":
+        rows = rows.to(self.tensors["input_ids"].device)
+        return replace(self, tensors={k: v[rows] for k, v in self.tensors.items()},
+                       indices=[self.indices[r] for r in rows.tolist()])
 
 
-def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
-    """bf16 autocast on CUDA (auto or bf16), plain fp32 on CPU (auto) unless bf16 is asked for."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+@dataclass
+class StepResult:
+    loss: Tensor
+    logs: dict[str, Any]  # detached tensors or floats: read only when the progress line shows them
+    samples: int  # how many samples got the step
+    output: Any = None  # the trained model's forward output, for techniques that read it
+    heads: dict[str, Any] = field(default_factory=dict)
+
+    def with_loss(self, loss: Tensor, logs: dict[str, Any]) -> "StepResult":
+        return replace(self, loss=loss, logs=self.logs | logs)
+
+    def logging(self, logs: dict[str, Any]) -> "StepResult":
+        return replace(self, logs=self.logs | logs)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+Step = Callable[[StepInput], StepResult]
 
 
-def run_dir_for(output: Path) -> Path:
-    """Where an unfinished run keeps its checkpoint and best weights; removed once the output is in place."""
-    return output.parent / f".{output.name}.kdship-run"
+@dataclass
+class TrainingPlan:
+    """What the loop trains, how one step computes its loss, and how progress is judged."""
+
+    step: Step
+    evaluate: Callable[[], dict[str, float]] | None  # None without eval data: the last weights are kept
+    trainees: list[Trainee]
+    # state that is not trained but must survive a resume (e.g. sample-selection scores), per process
+    memory: dict[str, nn.Module] = field(default_factory=dict)
 
 
 @dataclass
@@ -60,48 +86,24 @@ class LoopState:
     step: int = 0
     epoch: int = 0
     group_in_epoch: int = 0
-    best: dict[str, dict[str, float]] = field(default_factory=dict)  # member -> {"metric": value, "step": step}
+    best: dict[str, dict[str, float]] = field(default_factory=dict)  # trainee -> {"metric": value, "step": step}
     history: list[dict[str, Any]] = field(default_factory=list)
-    samples_seen: int = 0
+    samples_seen: int = 0  # over all processes
     train_seconds: float = 0.0
 
 
-@dataclass
-class Member:
-    """One model the loop trains and keeps the best of (one per student in multi-student distillation)."""
-
-    name: str
-    module: nn.Module  # everything of this member that trains: the model, and its projections
-    save: Callable[[Path], None]  # writes the model worth keeping into a folder
-    metric: str = ""  # key of evaluate()'s result that decides "best"; "" keeps the last weights
-    higher_is_better: bool = True
+def run_dir_for(output: Path) -> Path:
+    """Where an unfinished run keeps its checkpoint and best weights; removed once the output is in place."""
+    return output.parent / f".{output.name}.kdship-run"
 
 
-@dataclass
-class Objective:
-    """What the loop optimises and how it judges progress."""
-
-    # (batch, optimizer step, progress in [0, 1], example indices) -> (loss, logs)
-    step_fn: Callable[[dict[str, Any], int, float, list[int]], tuple[torch.Tensor, dict[str, float]]]
-    evaluate: Callable[[], dict[str, float]] | None  # None without eval data: the last weights are kept
-    members: list[Member]
-    # state that is not trained but must survive a resume (e.g. sample-selection scores), checkpointed with it
-    memory: dict[str, nn.Module] = field(default_factory=dict)
-    # how many of a batch's samples get the step (fewer under sample selection): what samples_seen counts
-    trained_of: Callable[[int], int] | None = None
-
-    def trainable(self) -> nn.ModuleDict:
-        return nn.ModuleDict({m.name: m.module for m in self.members} | {f"memory_{k}": v for k, v in
-                                                                           self.memory.items()})
-
-
-def _optimizer(cfg: RunConfig, members: list[Member]) -> torch.optim.Optimizer:
-    """AdamW with decay / no-decay groups per member. Adam's state is per parameter, so this equals one optimizer
-    per member with the same schedule; gradients are clipped per member in the loop."""
+def _optimizer(cfg: RunConfig, trainees: list[Trainee]) -> torch.optim.Optimizer:
+    """AdamW with decay / no-decay groups per trainee. Adam's state is per parameter, so this equals one optimizer
+    per trainee with the same schedule; gradients are clipped per trainee in the loop."""
     groups = []
-    for member in members:
+    for trainee in trainees:
         decay, no_decay = [], []
-        for name, p in member.module.named_parameters():
+        for name, p in trainee.module.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
         groups += [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -116,78 +118,149 @@ def _scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total_steps: in
                          num_training_steps=total_steps)
 
 
-def total_steps_for(cfg: RunConfig, n_examples: int) -> tuple[int, int]:
-    groups_per_epoch = math.ceil(math.ceil(n_examples / cfg.batch_size) / cfg.grad_accum)
+def total_steps_for(cfg: RunConfig, n_examples: int, world: int = 1) -> tuple[int, int]:
+    """(optimizer steps of the run, steps per epoch); `batch_size` is per process, so a step sees batch_size x
+    processes x grad_accum examples."""
+    groups_per_epoch = math.ceil(math.ceil(n_examples / (cfg.batch_size * world)) / cfg.grad_accum)
     return (cfg.max_steps or max(1, math.ceil(cfg.epochs * groups_per_epoch))), groups_per_epoch
 
 
-class Checkpointer:
-    """One file, written atomically, holding everything a resumed run needs to continue exactly."""
+def global_batches(lengths: list[int], cfg: RunConfig, world: int, epoch: int) -> list[list[int]]:
+    """One epoch's global batches (batch_size x processes examples, the same on every process). A last batch with
+    fewer examples than processes is dropped: every process needs at least one."""
+    batches = bucket_batches(lengths, cfg.batch_size * world, seed=cfg.seed * 1000 + epoch, shuffle=True)
+    return [b for b in batches if len(b) >= world]
 
-    def __init__(self, run_dir: Path, cfg: RunConfig, data_identity: Any = None):
+
+class Checkpointer:
+    """One file, written atomically by rank 0, holding everything a resumed run needs to continue exactly: the
+    trained weights, optimizer, schedule and loop state, and each process's random state and technique memory.
+    It holds tensors and plain data only, and loads with weights_only=True (a planted pickle runs no code)."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig, runtime: Runtime, data_identity: Any = None):
         self.path = run_dir / CHECKPOINT
+        self.runtime = runtime
         self.fingerprint = {k: v for k, v in to_record(cfg).items() if k not in START_FLAGS}
         self.fingerprint["data_identity"] = data_identity  # a changed data file must not resume old positions
 
-    def save(self, trainable: nn.Module, optimizer: Any, scheduler: Any, state: LoopState) -> None:
-        payload = {"config": self.fingerprint, "model": trainable.state_dict(), "optimizer": optimizer.state_dict(),
-                   "scheduler": scheduler.state_dict(), "state": asdict(state), "rng": _rng_state()}
-        tmp = self.path.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, self.path)
+    def save(self, plan: TrainingPlan, optimizer: Any, scheduler: Any, state: LoopState) -> None:
+        trainees = {t.name: full_state_dict(t.module) for t in plan.trainees}  # gathers FSDP shards: all call it
+        optim = _optimizer_state(plan, optimizer)
+        mine = {"rng": _rng_state(), "memory": {k: v.state_dict() for k, v in plan.memory.items()}}
+        per_process = self.runtime.gather_objects(mine)
+        if self.runtime.is_main:
+            payload = {"format": CHECKPOINT_FORMAT, "config": self.fingerprint, "processes": self.runtime.world,
+                       "trainees": trainees, "optimizer": optim, "scheduler": scheduler.state_dict(),
+                       "state": asdict(state), "per_process": per_process}
+            tmp = self.path.with_suffix(".tmp")
+            torch.save(payload, tmp)
+            os.replace(tmp, self.path)
+        self.runtime.barrier()
 
-    def load(self, trainable: nn.Module, optimizer: Any, scheduler: Any) -> LoopState:
-        payload = torch.load(self.path, map_location="cpu", weights_only=False)
+    def load(self, plan: TrainingPlan, optimizer: Any, scheduler: Any) -> LoopState:
+        payload = self._read()
         changed = [k for k in self.fingerprint if payload["config"].get(k) != self.fingerprint[k]]
         if changed:
             raise ConfigError(f"checkpoint {self.path} was made with a different {changed[0]!r}; resume with the "
                               "same settings, or pass --overwrite to start again")
-        trainable.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
+        if payload["processes"] != self.runtime.world:
+            raise ConfigError(f"checkpoint {self.path} was made by {payload['processes']} processes, this run has "
+                              f"{self.runtime.world}; resume with the same number of processes")
+        for t in plan.trainees:
+            load_full_state_dict(t.module, payload["trainees"][t.name])
+        _load_optimizer_state(plan, optimizer, payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
-        _set_rng_state(payload["rng"])
+        mine = payload["per_process"][self.runtime.rank]
+        for name, module in plan.memory.items():
+            module.load_state_dict(mine["memory"][name])
+        _set_rng_state(mine["rng"])
         return LoopState(**payload["state"])
+
+    def _read(self) -> dict[str, Any]:
+        import pickle
+
+        try:
+            payload = torch.load(self.path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"{self.path} is not a kdship checkpoint that can be loaded safely ({reason[:160]}); "
+                              "pass --overwrite to start again") from None
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise ConfigError(f"{self.path} is not a checkpoint of this kdship version; pass --overwrite to start "
+                              "again")
+        return payload
+
+
+def _trained(plan: TrainingPlan) -> nn.ModuleDict:
+    return nn.ModuleDict({t.name: unwrapped(t.module) for t in plan.trainees})
+
+
+def _optimizer_state(plan: TrainingPlan, optimizer: Any) -> dict[str, Any]:
+    """The optimizer state keyed by parameter name, whole (FSDP shards gathered): all processes call this."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(_trained(plan), optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_optimizer_state(plan: TrainingPlan, optimizer: Any, state: dict[str, Any]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    # strict=False: a parameter that never had a gradient (a pooler no loss reads) has no Adam state to restore
+    set_optimizer_state_dict(_trained(plan), optimizer, state,
+                             options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Random state as tensors and plain numbers (loadable with weights_only=True)."""
+    numpy = np.random.get_state(legacy=False)
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)), "pos": numpy["state"]["pos"],
+                       "has_gauss": numpy["has_gauss"], "gauss": numpy["gauss"]}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "has_gauss": numpy["has_gauss"], "gauss": numpy["gauss"],
+                         "state": {"key": numpy["key"].numpy().astype(np.uint32), "pos": numpy["pos"]}})
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @contextlib.contextmanager
-def run_dir_for_output(output: Path, cfg: RunConfig):
+def run_dir_for_output(output: Path, cfg: RunConfig, runtime: Runtime):
     """Yield the run folder of `output`; if the run fails before its first checkpoint, remove the folder (there is
     nothing to resume), so a bad input leaves nothing behind."""
-    run_dir = prepare_run_dir(output, cfg)
+    run_dir = prepare_run_dir(output, cfg, runtime)
     try:
         yield run_dir
     except BaseException:
-        if not (run_dir / CHECKPOINT).exists():
+        if runtime.is_main and not (run_dir / CHECKPOINT).exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
 
-def prepare_run_dir(output: Path, cfg: RunConfig) -> Path:
-    """Refuse to clobber a finished output or silently restart an interrupted run."""
+def prepare_run_dir(output: Path, cfg: RunConfig, runtime: Runtime) -> Path:
+    """Refuse to clobber a finished output or silently restart an interrupted run. Every process checks (so
+    every process stops on a refusal), rank 0 alone clears and creates."""
     run_dir = run_dir_for(output)
     if output.exists() and not cfg.overwrite:
         raise ConfigError(f"output {output} already exists; pass --overwrite or choose another --output")
     if (run_dir / CHECKPOINT).exists() and not (cfg.resume or cfg.overwrite):
         raise ConfigError(f"an interrupted run of {output} exists; pass --resume to continue it or --overwrite "
                           "to start again")
-    if run_dir.exists() and not (cfg.resume and (run_dir / CHECKPOINT).exists()):
-        shutil.rmtree(run_dir)  # a dead run's leftovers (tokenizer, best weights) must not leak into a new run
-    run_dir.mkdir(parents=True, exist_ok=True)
+    runtime.barrier()
+    if runtime.is_main:
+        if run_dir.exists() and not (cfg.resume and (run_dir / CHECKPOINT).exists()):
+            shutil.rmtree(run_dir)  # a dead run's leftovers (tokenizer, best weights) must not leak into a new run
+        run_dir.mkdir(parents=True, exist_ok=True)
+    runtime.barrier()
     return run_dir
 
 
@@ -195,59 +268,75 @@ def _is_better(value: float, best: float | None, higher: bool) -> bool:
     return best is None or (value > best if higher else value < best)
 
 
-def best_dir(run_dir: Path, member: str) -> Path:
-    return run_dir / BEST / member
+def best_dir(run_dir: Path, trainee: str) -> Path:
+    return run_dir / BEST / trainee
 
 
-def _save_best(member: Member, run_dir: Path) -> None:
-    final = best_dir(run_dir, member.name)
-    tmp = final.with_name(f"{member.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    member.save(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+def _save_best(trainee: Trainee, run_dir: Path, runtime: Runtime) -> None:
+    final = best_dir(run_dir, trainee.name)
+    tmp = final.with_name(f"{trainee.name}.tmp")
+    if runtime.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainee.save(tmp, runtime)
+    if runtime.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    runtime.barrier()
 
 
-def fit(cfg: RunConfig, objective: Objective, train: Encoded, tokenizer: Any, run_dir: Path,
+def fit(cfg: RunConfig, plan: TrainingPlan, train: Encoded, tokenizer: Any, run_dir: Path, runtime: Runtime,
         mlm_collator: Any = None, progress_label: str = "train", data_identity: Any = None) -> LoopState:
     """Run the loop to cfg's step budget, resuming from run_dir's checkpoint when cfg.resume is set."""
-    total, groups_per_epoch = total_steps_for(cfg, len(train.features))
-    trainable = objective.trainable()
-    optimizer = _optimizer(cfg, objective.members)
+    total, groups_per_epoch = total_steps_for(cfg, len(train.features), runtime.world)
+    optimizer = _optimizer(cfg, plan.trainees)
     scheduler = _scheduler(cfg, optimizer, total)
-    checkpointer = Checkpointer(run_dir, cfg, data_identity)
+    checkpointer = Checkpointer(run_dir, cfg, runtime, data_identity)
     state = LoopState()
     if cfg.resume and checkpointer.path.exists():
-        state = checkpointer.load(trainable, optimizer, scheduler)
+        state = checkpointer.load(plan, optimizer, scheduler)
     eval_every = cfg.eval_every or groups_per_epoch
     lengths = train.lengths()
-    with _progress(progress_label, total, state.step) as bar:
+    modules = [t.module for t in plan.trainees]
+    pending_samples = 0  # this process's samples since the last count over all processes
+    with _progress(progress_label, total, state.step, runtime.is_main) as bar:
         while state.step < total:
-            batches = bucket_batches(lengths, cfg.batch_size, seed=cfg.seed * 1000 + state.epoch, shuffle=True)
+            batches = global_batches(lengths, cfg, runtime.world, state.epoch)
             groups = [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
             for gi in range(state.group_in_epoch, len(groups)):
                 started = time.perf_counter()
-                trainable.train()
-                logs: dict[str, float] = {}
-                for bi, indices in enumerate(groups[gi]):
-                    mask_seed = hash((cfg.seed, state.epoch, gi, bi)) & 0x7FFFFFFF
-                    batch = collate(tokenizer, train, indices, mlm_collator, mask_seed)
-                    loss, logs = objective.step_fn(batch, state.step, state.step / total, indices)
-                    (loss / len(groups[gi])).backward()
-                    state.samples_seen += objective.trained_of(len(indices)) if objective.trained_of else len(indices)
-                for member in objective.members:
-                    torch.nn.utils.clip_grad_norm_(member.module.parameters(), cfg.max_grad_norm)
+                for m in modules:
+                    m.train()
+                logs: dict[str, Any] = {}
+                for bi, global_batch in enumerate(groups[gi]):
+                    indices = runtime.shard_of(global_batch)
+                    # masking seeded per batch and process: it does not depend on history, so a resume repeats it
+                    mask_seed = (hash((cfg.seed, state.epoch, gi, bi)) + runtime.rank) & 0x7FFFFFFF
+                    tensors = {k: v.to(runtime.device) for k, v in
+                               collate(tokenizer, train, indices, mlm_collator, mask_seed).items()}
+                    with runtime.no_sync(modules, skip=bi < len(groups[gi]) - 1):
+                        with runtime.autocast():
+                            result = plan.step(StepInput(tensors, indices, state.step, state.step / total))
+                        runtime.backward(result.loss / len(groups[gi]))
+                    logs = result.logs
+                    pending_samples += result.samples
+                for m in modules:
+                    torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 state.group_in_epoch = gi + 1
                 state.train_seconds += time.perf_counter() - started
+                due_eval = plan.evaluate and (state.step % eval_every == 0 or state.step == total)
+                due_save = state.step % cfg.save_every == 0 and state.step < total
+                if state.step % LOG_EVERY == 0 or state.step == total or due_eval or due_save:
+                    state.samples_seen += int(runtime.total(pending_samples))
+                    pending_samples = 0
                 bar(state, logs)
-                if objective.evaluate and (state.step % eval_every == 0 or state.step == total):
-                    _evaluate(objective, state, run_dir)
-                if state.step % cfg.save_every == 0 and state.step < total:
-                    checkpointer.save(trainable, optimizer, scheduler, state)
+                if due_eval:
+                    _evaluate(plan, state, run_dir, runtime)
+                if due_save:
+                    checkpointer.save(plan, optimizer, scheduler, state)
                 if state.step >= total:
                     break
             else:
@@ -256,22 +345,27 @@ def fit(cfg: RunConfig, objective: Objective, train: Encoded, tokenizer: Any, ru
     return state
 
 
-def _evaluate(objective: Objective, state: LoopState, run_dir: Path) -> None:
-    metrics = objective.evaluate()
+def _evaluate(plan: TrainingPlan, state: LoopState, run_dir: Path, runtime: Runtime) -> None:
+    """Every process evaluates (a sharded model needs them all); rank 0's metrics decide for all, so every process
+    keeps the same best step."""
+    metrics = runtime.from_main(plan.evaluate())
     state.history.append({"step": state.step, "epoch": state.epoch, **metrics})
-    for member in objective.members:
-        if not member.metric:
+    for trainee in plan.trainees:
+        if not trainee.metric:
             continue
-        value = metrics[member.metric]
-        best = state.best.get(member.name)
-        if _is_better(value, best and best["metric"], member.higher_is_better):
-            state.best[member.name] = {"metric": value, "step": state.step}
-            _save_best(member, run_dir)
+        value = metrics[trainee.metric]
+        best = state.best.get(trainee.name)
+        if _is_better(value, best and best["metric"], trainee.higher_is_better):
+            state.best[trainee.name] = {"metric": value, "step": state.step}
+            _save_best(trainee, run_dir, runtime)
 
 
 @contextlib.contextmanager
-def _progress(label: str, total: int, start: int):
-    """A rich progress bar with loss and throughput; yields update(state, logs)."""
+def _progress(label: str, total: int, start: int, shown: bool):
+    """A rich progress bar with loss and throughput (rank 0 only); yields update(state, logs)."""
+    if not shown:
+        yield lambda state, logs: None
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -284,7 +378,7 @@ def _progress(label: str, total: int, start: int):
                 progress.update(task, completed=state.step)  # formatting the losses would sync the GPU
                 return
             rate = state.samples_seen / state.train_seconds if state.train_seconds else 0.0
-            info = " ".join(f"{k}={v:.4f}" for k, v in logs.items()) + f" {rate:.0f} samples/s"
+            info = " ".join(f"{k}={float(v):.4f}" for k, v in logs.items()) + f" {rate:.0f} samples/s"
             if state.history:
                 last = state.history[-1]
                 info += " | eval " + " ".join(f"{k}={v:.4f}" for k, v in last.items() if k not in ("step", "epoch"))

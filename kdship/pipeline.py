@@ -14,7 +14,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from kdship.artifacts import read_record, staged_dir, write_record
-from kdship.config import DataConfig, DistillConfig, PipelineConfig, StageConfig, to_record
+from kdship.config import (PIPELINE_FIELDS, DataConfig, DistillConfig, PipelineConfig, StageConfig, build_config,
+                           deep_merge, drop_unset, read_recipe, to_record)
 from kdship.errors import ConfigError, KdshipError
 from kdship.loop import START_FLAGS
 
@@ -109,8 +110,8 @@ def preflight(stages: list[Stage]) -> None:
             _teacher_config(cfg)
             label = cfg.data.label_column if cfg.labelled else None
             load_table(cfg.data.train, cfg.data.text_columns, label, max_samples=2)
-            if cfg.select_by:
-                load_config(cfg.select_by, "scoring model")
+            if cfg.selection:
+                load_config(cfg.selection.by, "scoring model")
         except KdshipError as e:
             raise type(e)(f"stage {stage.spec.name!r}: {e}") from None
 
@@ -121,6 +122,27 @@ def _prepare_output(p: PipelineConfig) -> None:
         shutil.rmtree(out)
     elif out.exists() and not p.resume:
         raise ConfigError(f"output {out} already exists; pass --resume to continue the pipeline or --overwrite")
+
+
+# Fields a pipeline's stages name in the recipe; on top of it only the rest can be overridden.
+PER_STAGE = ("teacher", "data", "objective", "losses", "layer_map", "match_loss")
+
+
+def distill_recipe(recipe: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
+    """Run any distill recipe, a single distillation or a progressive pipeline (a recipe with `stages:`), with
+    DistillConfig fields as overrides (None leaves the recipe's value), as `kdship distill --recipe` does."""
+    from kdship.distill import distill
+
+    if not (recipe and STAGES in read_recipe(recipe)):
+        return distill(build_config(DistillConfig, recipe, **overrides))
+    overrides = drop_unset(overrides)
+    per_stage = [k for k in PER_STAGE if k in overrides]
+    if per_stage:
+        raise ConfigError(f"with a pipeline recipe, {', '.join(per_stage)} belong in the recipe (per stage, or its "
+                          "datasets); overrides set students, output and training settings")
+    pipeline = build_config(PipelineConfig, recipe, **{k: v for k, v in overrides.items() if k in PIPELINE_FIELDS})
+    common = deep_merge(pipeline.common, {k: v for k, v in overrides.items() if k not in PIPELINE_FIELDS})
+    return run_pipeline(pipeline.model_copy(update={"common": common}))
 
 
 def run_pipeline(p: PipelineConfig) -> dict[str, Any]:

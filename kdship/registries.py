@@ -26,8 +26,14 @@ def _backends() -> dict[str, str]:
             for name, b in load_all().items()}
 
 
-REGISTRIES: dict[str, Callable[[], dict[str, str]]] = {"losses": _losses, "exporters": _exporters,
-                                                       "backends": _backends}
+def _techniques() -> dict[str, str]:
+    from kdship.techniques import summaries
+
+    return summaries()
+
+
+REGISTRIES: dict[str, Callable[[], dict[str, str]]] = {"losses": _losses, "techniques": _techniques,
+                                                       "exporters": _exporters, "backends": _backends}
 
 
 def list_components(what: str) -> None:

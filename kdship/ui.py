@@ -6,9 +6,12 @@ import sys
 
 
 def console():
+    """Rank 0 prints; the other processes of a launched run are quiet (their output would repeat it)."""
     from rich.console import Console
 
-    return Console(width=None if sys.stdout.isatty() else 140)
+    from kdship.runtime import is_main_process
+
+    return Console(width=None if sys.stdout.isatty() else 140, quiet=not is_main_process())
 
 
 def quiet_libraries() -> None:

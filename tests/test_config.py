@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from kdship.config import DistillConfig, EvalConfig, TrainConfig, build_config
+from kdship.config import DistillConfig, EvalConfig, TrainConfig, build_config, to_record
 from kdship.errors import ConfigError
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
@@ -64,9 +64,30 @@ def test_every_shipped_recipe_is_valid(recipe, tmp_path):
 
 
 # kdship train recipes, with the flags their usage line gives on the command line
-TRAIN_RECIPES = {"reverse_warmup.yaml": {"init": "bert:layers=2", "reverse_from": "runs/small-mlm"},
-                 "reverse_warmup_match.yaml": {"init": "bert:layers=2", "reverse_from": "runs/small-match"},
-                 "sample_value.yaml": {"model": "runs/large-base", "select_by": "runs/small-sst2"}}
+TRAIN_RECIPES = {"reverse_warmup.yaml": {"init": "bert:layers=2", "reverse": {"from": "runs/small-mlm"}},
+                 "reverse_warmup_match.yaml": {"init": "bert:layers=2", "reverse": {"from": "runs/small-match"}},
+                 "sample_value.yaml": {"model": "runs/large-base", "selection": {"by": "runs/small-sst2"}}}
+
+
+def test_technique_settings_are_nested_and_old_flat_recipes_keep_loading(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("reverse_from: runs/small\nreverse_steps: 5\nreverse_hidden: 0.5\nselect_by: runs/s\n"
+                   "select_ratio: 0.25\n")
+    cfg = build_config(TrainConfig, old, init="bert:layers=2")
+    assert to_record(cfg)["reverse"] == {"from": "runs/small", "steps": 5, "schedule": "linear", "temperature": 2.0,
+                                         "start": 1.0, "hidden_weight": 0.5}
+    assert cfg.selection.by == "runs/s" and cfg.selection.ratio == 0.25 and cfg.selection.mode == "topk"
+    # a flag of the nested spelling overrides one field of the recipe's section, not the section
+    assert build_config(TrainConfig, old, init="bert:layers=2", reverse={"steps": 7}).reverse.hidden_weight == 0.5
+    with pytest.raises(ConfigError, match="selection.by: Field required"):
+        build_config(DistillConfig, selection={"ratio": 0.5})
+
+
+def test_stage_settings_follow_distill_config_fields():
+    from kdship.config import STAGE_SETTINGS
+
+    assert {"selection", "teacher_sharding", "sharding", "losses", "select_by"} <= set(STAGE_SETTINGS)
+    assert not {"teacher", "data", "output", "student", "reverse_from"} & set(STAGE_SETTINGS)
 
 
 def test_eval_config_requires_a_student():

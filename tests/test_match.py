@@ -3,7 +3,6 @@ reverse distillation and sample-value selection on it, end to end with resume.""
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
@@ -83,17 +82,37 @@ def test_retrieval_metrics_rank_each_partner_among_all():
     assert metrics["recall_at_1"] == 0.5 and metrics["mrr"] == pytest.approx((0.5 + 0.5 + 1 + 1) / 4)
 
 
-def test_reverse_hidden_matching_trains_projections_from_large_to_small_width():
-    small, large = _tiny_biencoder(1, 16).eval(), _tiny_biencoder(2, 32)
-    reverse = ReverseDistillation(small, large, steps=4, schedule="linear", start=1.0, temperature=2.0,
-                                  hidden_weight=1.0, autocast=contextlib.nullcontext)
-    assert reverse.pairs == [(0, 0), (2, 1)] and reverse.projections[0].weight.shape == (16, 32)
+def test_reverse_wrapper_mixes_the_small_models_kd_and_hidden_matching_into_the_wrapped_step():
+    """The technique alone: a wrapped step on a fake batch, no loop."""
+    from kdship.config import ReverseConfig
+    from kdship.loop import StepInput, StepResult
+    from kdship.techniques.reverse import HEAD
+    from kdship.trainee import TrainedModule
+
+    small, large = _tiny_biencoder(1, 16).eval(), _tiny_biencoder(2, 32).eval()  # eval: no dropout noise
+    settings = ReverseConfig.model_validate({"from": "small", "steps": 4, "hidden_weight": 1.0})
+    reverse = ReverseDistillation(small, large.config, settings)
+    head = reverse.head(large.config)
+    assert reverse.pairs == [(0, 0), (2, 1)] and head.maps[0].weight.shape == (16, 32)
+    trained = TrainedModule(large, {HEAD: head})
+    asked = []
+
+    def step(x: StepInput) -> StepResult:
+        asked.append(x.outputs)
+        out, heads = trained(x.tensors, x.outputs)
+        return StepResult(out.loss, {"loss": out.loss.detach()}, len(x.indices), out, heads)
+
+    wrapped = reverse.wrap(step)
     batch = _batch()
-    out = large(**batch, output_hidden_states=True)
-    loss, logs = reverse.loss(out.loss, out, batch, step=2)
-    assert logs["alpha"] == 0.5 and logs["reverse_hidden"] > 0
-    loss.backward()
-    assert reverse.projections[1].weight.grad.abs().sum() > 0
+    mid = wrapped(StepInput(batch, [0, 1, 2, 3], step=2, progress=0.5))
+    assert asked[-1] == {HEAD} and mid.logs["alpha"] == 0.5 and mid.logs["reverse_hidden"] > 0
+    task = mid.logs["loss"]
+    distill = mid.logs["reverse_kd"] + mid.logs["reverse_hidden"]
+    assert mid.loss.item() == pytest.approx(0.5 * task.item() + 0.5 * distill.item(), rel=1e-5)
+    mid.loss.backward()
+    assert head.maps[1].weight.grad.abs().sum() > 0
+    late = wrapped(StepInput(batch, [0, 1, 2, 3], step=4, progress=1.0))  # warm-up over: the plain step, unasked
+    assert asked[-1] == frozenset() and "alpha" not in late.logs and late.loss.item() == pytest.approx(task.item())
 
 
 def test_reverse_distillation_of_a_bi_encoder_with_resume(pairs, small_matcher, tmp_path):
@@ -206,11 +225,11 @@ def test_match_and_selection_bad_inputs(pairs, small_matcher, data_dir, teacher_
         (["train", "--model", small_matcher, "--objective", "match", "--data", pairs / "train.tsv",
           "--select-by", teacher_dir], "different tokenizer"),
         (["train", "--model", small_matcher, "--objective", "match", "--data", pairs / "train.tsv",
-          "--select-by", small_matcher, "--select-refresh", 3], "select_refresh > 1 cannot be used with in-batch"),
+          "--select-by", small_matcher, "--select-refresh", 3], "selection.refresh > 1 cannot be used with in-batch"),
         (["train", "--model", small_matcher, "--match-loss", "classify", "--data", data_dir / "train.tsv"],
          "match_loss applies to objective match only"),
         (["train", "--model", small_matcher, "--objective", "match", "--data", pairs / "train.tsv",
-          "--reverse-hidden", 1], "reverse_hidden weighs reverse distillation"),
+          "--reverse-hidden", 1], "reverse.from: Field required"),
     ]
     for args, message in cases:
         result = kdship(*args, "--max-steps", 2, "-o", out)

@@ -167,12 +167,12 @@ def test_reverse_and_selection_bad_inputs(data_dir, teacher_dir, small_model, tm
     out = tmp_path / "large"
     for extra, message in [
         (["--reverse-from", str(other), "--reverse-steps", "2"], "different tokenizer"),
-        (["--select-by", str(small_model), "--select-ratio", "1.5"], "select_ratio: Input should be less than or "
-                                                                     "equal to 1"),
-        (["--select-by", str(small_model), "--select-ratio", "0"], "select_ratio: Input should be greater than 0"),
-        (["--reverse-from", str(small_model), "--reverse-steps", "50"], "reverse_steps 50 is longer than the run"),
+        (["--select-by", str(small_model), "--select-ratio", "1.5"], "selection.ratio: Input should be less than "
+                                                                     "or equal to 1"),
+        (["--select-by", str(small_model), "--select-ratio", "0"], "selection.ratio: Input should be greater than 0"),
+        (["--reverse-from", str(small_model), "--reverse-steps", "50"], "reverse.steps 50 is longer than the run"),
         (["--select-by", str(tmp_path / "missing")], "not found"),
-        (["--reverse-steps", "3"], "needs both reverse_from"),
+        (["--reverse-steps", "3"], "reverse.from: Field required"),
     ]:
         result = kdship(*_large_args(data_dir, teacher_dir, out, *extra))
         assert result.exit_code == 2, result.output

@@ -1,1 +1,95 @@
-"""Techniques that compose around the training step: reverse distillation and sample-value selection."""
+"""Techniques that compose around the training step. Each is a plain object built from its own config section
+(`selection:`, `reverse:`): it wraps the step (`wrap(step) -> step`), says what it keeps across a resume
+(`memory()`) and what the run's record says of it (`record()`). The commands apply the configured ones in a loop
+and contain no technique-specific branch; adding one is an entry in TECHNIQUES."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from torch import nn
+
+from kdship.config import RunConfig
+from kdship.errors import ConfigError
+from kdship.loop import Step
+from kdship.runtime import Runtime
+from kdship.trainee import Trainee
+
+
+class Technique(Protocol):
+    def wrap(self, step: Step) -> Step: ...
+
+    def memory(self) -> dict[str, nn.Module]: ...  # not trained, checkpointed per process
+
+    def record(self, runtime: Runtime) -> dict[str, Any]: ...  # called by every process
+
+
+@dataclass
+class TechniqueContext:
+    """What a technique is built from: the run's config, the model it acts on, the data and the processes."""
+
+    cfg: RunConfig
+    target: Trainee  # not yet distributed: a technique may add heads that train with it
+    tokenizer: Any
+    train: Any  # kdship.data.Encoded
+    runtime: Runtime
+    total_steps: int
+
+
+@dataclass
+class TechniqueDef:
+    name: str  # also its config section
+    summary: str
+    build: Callable[[Any, TechniqueContext], Technique]  # (its settings, context) -> the technique
+    # how it changes the loop's settings (e.g. selection over-samples each batch), from its settings alone
+    loop_config: Callable[[Any, RunConfig], RunConfig] = lambda settings, cfg: cfg
+    sharded_ok: bool = True  # whether it works on a model sharded with FSDP
+
+
+def _registry() -> dict[str, TechniqueDef]:
+    from kdship.techniques.reverse import REVERSE
+    from kdship.techniques.selection import SELECTION
+
+    # wrapped in this order, so the last is outermost: selection picks the rows before reverse distillation runs
+    return {t.name: t for t in (REVERSE, SELECTION)}
+
+
+def configured(cfg: RunConfig) -> list[tuple[TechniqueDef, Any]]:
+    """The techniques a config turns on, with their settings."""
+    active = [(t, getattr(cfg, t.name, None)) for t in _registry().values()]
+    return [(t, settings) for t, settings in active if settings is not None]
+
+
+def loop_config_for(cfg: RunConfig) -> RunConfig:
+    for technique, settings in configured(cfg):
+        cfg = technique.loop_config(settings, cfg)
+    return cfg
+
+
+def build_techniques(context: TechniqueContext) -> list[Technique]:
+    built = []
+    for technique, settings in configured(context.cfg):
+        if context.cfg.sharding == "fsdp" and not technique.sharded_ok:
+            raise ConfigError(f"{technique.name} does not work with sharding fsdp (each process scores its own "
+                              "samples with the model, which a sharded model cannot do alone); use sharding ddp")
+        built.append(technique.build(settings, context))
+    return built
+
+
+def wrap_step(step: Step, techniques: list[Technique]) -> Step:
+    for technique in techniques:
+        step = technique.wrap(step)
+    return step
+
+
+def technique_memory(techniques: list[Technique]) -> dict[str, nn.Module]:
+    return {name: module for t in techniques for name, module in t.memory().items()}
+
+
+def technique_records(techniques: list[Technique], runtime: Runtime) -> dict[str, Any]:
+    return {k: v for t in techniques for k, v in t.record(runtime).items()}
+
+
+def summaries() -> dict[str, str]:
+    return {name: t.summary for name, t in _registry().items()}

@@ -11,8 +11,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdship.biencoder import targets, token_mask
+from kdship.config import ReverseConfig, to_record
+from kdship.data import targets, token_mask
+from kdship.errors import ConfigError
+from kdship.loop import Step, StepInput, StepResult
 from kdship.losses import LossInputs, get_loss, hidden_mse
+from kdship.runtime import Runtime
+from kdship.techniques import TechniqueContext, TechniqueDef
+from kdship.techniques.small_model import load_small_model
+from kdship.trainee import HiddenProjection
 
 SCHEDULES = ("linear", "cosine", "step")
 
@@ -37,39 +44,74 @@ def layer_pairs(large_layers: int, small_layers: int) -> list[tuple[int, int]]:
     return [(round(j * large_layers / small_layers), j) for j in range(small_layers + 1)]
 
 
-class ReverseDistillation:
-    """The small model's say in the large model's loss: α_t·(KD on logits + w·hidden MSE through projections)."""
+HEAD = "reverse"  # the trained model's head that maps its hidden states to the small model's width
 
-    def __init__(self, small: nn.Module, large: nn.Module, steps: int, schedule: str, start: float,
-                 temperature: float, hidden_weight: float, autocast: Any):
-        self.small, self.steps, self.schedule, self.start = small, steps, schedule, start
-        self.temperature, self.hidden_weight, self.autocast = temperature, hidden_weight, autocast
-        self.pairs = layer_pairs(large.config.num_hidden_layers, small.config.num_hidden_layers)
-        # learned maps from the large model's width to the small one's; trained with the large model, not shipped
-        self.projections = nn.ModuleList(
-            nn.Linear(large.config.hidden_size, small.config.hidden_size) for _ in self.pairs) \
-            if hidden_weight > 0 else nn.ModuleList()
-        self.projections.to(next(large.parameters()).device)
+
+class ReverseDistillation:
+    """The small model's say in the trained model's loss: (1 - α_t)·loss + α_t·(KD on logits + w·hidden MSE
+    through learned projections), wrapped around the step."""
+
+    def __init__(self, small: nn.Module, large_config: Any, settings: ReverseConfig):
+        self.small, self.settings = small, settings
+        self.pairs = layer_pairs(large_config.num_hidden_layers, small.config.num_hidden_layers)
+
+    def head(self, large_config: Any) -> HiddenProjection | None:
+        """Learned maps from the large model's width to the small one's, trained with it and not shipped."""
+        if not self.settings.hidden_weight:
+            return None
+        return HiddenProjection([i for i, _ in self.pairs], large_config.hidden_size, self.small.config.hidden_size)
 
     def alpha(self, step: int) -> float:
-        return reverse_alpha(step, self.steps, self.schedule, self.start)
+        s = self.settings
+        return reverse_alpha(step, s.steps, s.schedule, s.start)
 
-    def wants_hidden(self, step: int) -> bool:
-        return self.hidden_weight > 0 and self.alpha(step) > 0
+    def wrap(self, step: Step) -> Step:
+        def reverse_step(x: StepInput) -> StepResult:
+            alpha = self.alpha(x.step)
+            if alpha == 0:  # after the warm-up the small model is not run at all
+                return step(x)
+            result = step(x.asking(HEAD) if self.settings.hidden_weight else x)
+            distill, logs = self.distill_loss(result, x.tensors)
+            return result.with_loss((1 - alpha) * result.loss + alpha * distill, {"alpha": alpha, **logs})
 
-    def loss(self, task: Tensor, out: Any, batch: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Any]]:
-        """(1 - α)·task + α·distill, and what to log. Called only while α > 0: afterwards the small model is not
-        run at all."""
-        alpha = self.alpha(step)
+        return reverse_step
+
+    def distill_loss(self, result: StepResult, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
+        """KD from the small model (and hidden matching), and what to log."""
+        s = self.settings
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        with torch.no_grad(), self.autocast():
-            small = self.small(**inputs, output_hidden_states=self.hidden_weight > 0)
-        distill = get_loss("kd").fn(LossInputs(student_logits=out.logits, teacher_logits=small.logits,
-                                               labels=targets(batch, out.logits), temperature=self.temperature))
-        logs = {"alpha": alpha, "reverse_kd": distill.detach()}
-        if self.hidden_weight > 0:
-            hidden = hidden_mse([proj(out.hidden_states[i].float()) for proj, (i, _) in zip(self.projections, self.pairs)],
-                                [small.hidden_states[j] for _, j in self.pairs], token_mask(batch))
-            distill = distill + self.hidden_weight * hidden
+        with torch.no_grad():
+            small = self.small(**inputs, output_hidden_states=s.hidden_weight > 0)
+        logits = result.output.logits
+        distill = get_loss("kd").fn(LossInputs(student_logits=logits, teacher_logits=small.logits,
+                                               labels=targets(batch, logits), temperature=s.temperature))
+        logs = {"reverse_kd": distill.detach()}
+        if s.hidden_weight:
+            hidden = hidden_mse(result.heads[HEAD], [small.hidden_states[j] for _, j in self.pairs], token_mask(batch))
+            distill = distill + s.hidden_weight * hidden
             logs["reverse_hidden"] = hidden.detach()
-        return (1 - alpha) * task + alpha * distill, logs
+        return distill, logs
+
+    def memory(self) -> dict[str, nn.Module]:
+        return {}
+
+    def record(self, runtime: Runtime) -> dict[str, Any]:
+        return {"reverse": {**to_record(self.settings), "layer_pairs": self.pairs}}
+
+
+def build_reverse(settings: ReverseConfig, context: TechniqueContext) -> ReverseDistillation:
+    if settings.steps > context.total_steps:
+        raise ConfigError(f"reverse.steps {settings.steps} is longer than the run ({context.total_steps} steps); "
+                          "lower --reverse-steps or train longer")
+    large = context.target.model
+    small = load_small_model(settings.from_, "small model", context.cfg, context.tokenizer, large,
+                             context.runtime.device)
+    technique = ReverseDistillation(small, large.config, settings)
+    head = technique.head(large.config)
+    if head is not None:
+        context.target.heads[HEAD] = head
+    return technique
+
+
+REVERSE = TechniqueDef("reverse", "reverse distillation: a small trained model teaches the trained model early "
+                                  "on, its weight decaying to 0 (Qin et al. 2022)", build_reverse)

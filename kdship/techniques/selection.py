@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdship.biencoder import targets
-from kdship.config import RunConfig
-from kdship.data import Encoded
+from kdship.config import RunConfig, SelectionConfig
+from kdship.data import targets
+from kdship.loop import Step, StepInput, StepResult
+from kdship.runtime import Runtime
+from kdship.techniques import TechniqueContext, TechniqueDef
 
 
 def per_example_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -56,11 +58,6 @@ def candidates_per_step(batch_size: int, ratio: float) -> int:
     return math.ceil(batch_size / ratio)
 
 
-def rows_of(batch: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
-    rows = rows.to(batch["input_ids"].device)
-    return {k: v[rows] for k, v in batch.items()}
-
-
 COUNTS = ("candidates", "selected", "large_scoring_rows", "value_selected_sum", "value_rejected_sum")
 
 
@@ -70,9 +67,8 @@ class Selector:
     per batch. The trained model re-scores a sample at most every `refresh` steps."""
 
     def __init__(self, small: torch.nn.Module, large: torch.nn.Module, ratio: float, mode: str, refresh: int,
-                 n_examples: int, small_losses: Tensor | None, autocast=None, seed: int = 0):
+                 n_examples: int, small_losses: Tensor | None, seed: int = 0):
         self.small, self.large = small, large
-        self.autocast = autocast
         self.ratio, self.mode, self.refresh, self.seed = ratio, mode, refresh, seed
         self.small_losses = small_losses
         # Buffers, not attributes: the loop checkpoints them, so a resumed run reuses scores and keeps its counts.
@@ -94,8 +90,7 @@ class Selector:
     def _score(self, model: torch.nn.Module, batch: dict[str, Tensor], rows: Tensor) -> Tensor:
         was_training = model.training
         model.eval()  # no dropout noise in the scores
-        with self.autocast() if self.autocast else torch.autocast("cpu", enabled=False):
-            losses = example_losses(model, rows_of(batch, rows)).cpu()
+        losses = example_losses(model, {k: v[rows.to(v.device)] for k, v in batch.items()}).cpu()
         model.train(was_training)
         return losses
 
@@ -129,11 +124,9 @@ class Selector:
                      "value_dropped": float(values[rejected].mean()) if rejected.any() else 0.0}
         return keep
 
-    def trained_of(self, candidates: int) -> int:
-        return kept_count(candidates, self.ratio)
-
-    def summary(self) -> dict[str, float]:
-        s = self.stats
+    def summary(self, runtime: Runtime | None = None) -> dict[str, float]:
+        """The selection's counts, summed over processes when a runtime is given (every process calls it)."""
+        s = {k: runtime.total(v) for k, v in self.stats.items()} if runtime else self.stats
         rejected = s["candidates"] - s["selected"]
         return {"mode": self.mode, "ratio": self.ratio, "refresh": self.refresh, "candidates": int(s["candidates"]),
                 "selected": int(s["selected"]), "large_scoring_rows": int(s["large_scoring_rows"]),
@@ -141,25 +134,51 @@ class Selector:
                 "mean_value_rejected": s["value_rejected_sum"] / rejected if rejected else None}
 
 
-def candidate_batches(cfg: RunConfig) -> RunConfig:
-    """The loop's settings under selection: each step draws enough candidates that select_ratio of them fill
+class SampleSelection:
+    """The technique around the step: the selector picks the rows of each over-sampled batch that get the step."""
+
+    def __init__(self, selector: Selector, settings: SelectionConfig, candidates: int):
+        self.selector, self.settings, self.candidates = selector, settings, candidates
+
+    def wrap(self, step: Step) -> Step:
+        def selected_step(x: StepInput) -> StepResult:
+            result = step(x.rows(self.selector.choose(x.tensors, x.indices, x.step)))
+            return result.logging(self.selector.last)
+
+        return selected_step
+
+    def memory(self) -> dict[str, torch.nn.Module]:
+        return {"selection": self.selector.memory}
+
+    def record(self, runtime: Runtime) -> dict[str, Any]:
+        return {"selection": {"by": self.settings.by, "candidates_per_step": self.candidates,
+                              **self.selector.summary(runtime)}}
+
+
+def over_sampled(settings: SelectionConfig, cfg: RunConfig) -> RunConfig:
+    """The loop's settings under selection: each step draws enough candidates that `ratio` of them fill
     batch_size."""
-    if not cfg.select_by:
-        return cfg
-    return cfg.model_copy(update={"batch_size": candidates_per_step(cfg.batch_size, cfg.select_ratio)})
+    return cfg.model_copy(update={"batch_size": candidates_per_step(cfg.batch_size, settings.ratio)})
 
 
-def build_selector(cfg: RunConfig, large: torch.nn.Module, tokenizer: Any, train: Encoded, device: torch.device,
-                   autocast: Any) -> Selector:
-    """The selector of a run with select_by: the scoring model loaded and checked, and its losses computed once
-    when they cannot change (labelled data)."""
-    from kdship.evaluate import predict_logits
+def build_selection(settings: SelectionConfig, context: TechniqueContext) -> SampleSelection:
+    """The scoring model loaded and checked, and its losses computed once when they cannot change (labelled
+    data), each process scoring a share."""
+    from kdship.run import predict_everywhere
     from kdship.techniques.small_model import load_small_model
 
-    small = load_small_model(cfg.select_by, "scoring model", cfg, tokenizer, large, device)
+    cfg, runtime, train = context.cfg, context.runtime, context.train
+    small = load_small_model(settings.by, "scoring model", cfg, context.tokenizer, context.target.model,
+                             runtime.device)
     small_losses = None
     if cfg.labelled:
-        logits = predict_logits(small, tokenizer, train, cfg.eval_batch_size, device, autocast)
+        logits = predict_everywhere(small, context.tokenizer, train, cfg.eval_batch_size, runtime).cpu()
         small_losses = per_example_loss(logits, torch.tensor(train.labels))
-    return Selector(small, large, cfg.select_ratio, cfg.select_mode, cfg.select_refresh, len(train.features),
-                    small_losses, autocast, cfg.seed)
+    selector = Selector(small, context.target.model, settings.ratio, settings.mode, settings.refresh,
+                        len(train.features), small_losses, cfg.seed)
+    return SampleSelection(selector, settings, over_sampled(settings, cfg).batch_size)
+
+
+SELECTION = TechniqueDef("selection", "sample-value selection: a small trained model's loss against the trained "
+                                      "model's picks the samples worth a step (RHO-LOSS, Mindermann et al. 2022)",
+                         build_selection, loop_config=over_sampled, sharded_ok=False)

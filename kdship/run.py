@@ -1,0 +1,186 @@
+"""What every training run shares, `kdship train` and `kdship distill` alike: starting the run (processes, seed,
+run folder), its data, evaluating a trained model, and writing the finished output folder with its record."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from kdship.artifacts import staged_dir, write_record
+from kdship.biencoder import embed_pairs, retrieval_metrics
+from kdship.config import RunConfig
+from kdship.data import Encoded, TextTable, encode_labels, label_names_from_data, load_table, tokenize
+from kdship.errors import ConfigError, ModelError
+from kdship.evaluate import classification_metrics, mlm_loss, predict_logits
+from kdship.loop import LoopState, best_dir, run_dir_for_output
+from kdship.runtime import Runtime, seed_everything, start_runtime
+from kdship.trainee import Trainee
+
+
+@contextlib.contextmanager
+def training_run(cfg: RunConfig) -> Iterator[tuple[Runtime, Path]]:
+    """(runtime, run folder) of a run writing cfg.output; the run folder is removed once the output is written."""
+    if not cfg.output:
+        raise ConfigError("no output folder; pass --output DIR")
+    if not cfg.data.train:
+        raise ConfigError("no training data; pass --data FILE (or data.train in the recipe)")
+    runtime = start_runtime(cfg.device, cfg.precision)
+    if cfg.sharding == "fsdp" and runtime.world == 1:
+        raise ConfigError("sharding fsdp shards a model across processes, but this run has one; launch it with "
+                          "torchrun --nproc-per-node N (or accelerate launch), or use sharding ddp")
+    seed_everything(cfg.seed)
+    with run_dir_for_output(Path(cfg.output), cfg, runtime) as run_dir:
+        yield runtime, run_dir
+    if runtime.is_main:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    runtime.barrier()
+
+
+@dataclass
+class RunData:
+    train: Encoded
+    eval: Encoded | None
+    train_table: TextTable
+    eval_table: TextTable | None
+    label_names: list[str] | None
+    max_length: int
+
+    def record(self) -> dict[str, Any]:
+        tables = {"train": self.train_table, "eval": self.eval_table}
+        record = {name: {"source": t.source, "fingerprint": t.fingerprint, "n": len(t)}
+                  for name, t in tables.items() if t}
+        return {**record, "max_length": self.max_length}
+
+
+def load_run_data(cfg: RunConfig, tokenizer: Any, label_names: list[str] | None, max_length: int) -> RunData:
+    """Train (and eval) examples tokenized with `tokenizer` (at most `max_length` tokens, see models.max_tokens);
+    labels checked against the model's label names."""
+    labelled = cfg.labelled
+    label_col = cfg.data.label_column if labelled else None
+    train_table = load_table(cfg.data.train, cfg.data.text_columns, label_col, cfg.data.max_train_samples)
+    eval_table = (load_table(cfg.data.eval, cfg.data.text_columns, label_col, cfg.data.max_eval_samples)
+                  if cfg.data.eval else None)
+    if labelled:
+        data_names = label_names_from_data(train_table.raw_labels)
+        if label_names is not None and len(data_names) > len(label_names):
+            raise ModelError(f"the model has {len(label_names)} labels but {train_table.source} has "
+                             f"{len(data_names)}; use a model trained on the same labels")
+        label_names = label_names or data_names
+    encode = lambda t: tokenize(tokenizer, t, max_length,  # noqa: E731
+                                encode_labels(t.raw_labels, label_names, t.source) if labelled else None,
+                                apart=cfg.objective == "match")
+    return RunData(encode(train_table), encode(eval_table) if eval_table else None, train_table, eval_table,
+                   label_names if labelled else None, max_length)
+
+
+def mlm_collator_for(cfg: RunConfig, tokenizer: Any) -> Any:
+    if cfg.objective != "mlm":
+        return None
+    from transformers import DataCollatorForLanguageModeling
+
+    if tokenizer.mask_token is None:
+        raise ModelError("the tokenizer has no [MASK] token, so it cannot do masked-LM; use --objective classify")
+    return DataCollatorForLanguageModeling(tokenizer, mlm_probability=cfg.mlm_probability, seed=0)
+
+
+def predict_everywhere(model: nn.Module, tokenizer: Any, encoded: Encoded, batch_size: int,
+                       runtime: Runtime) -> torch.Tensor:
+    """Logits for every example, on this process's device. Each process predicts an equal share (the last one
+    padded by repeating an example, so a sharded model runs as many batches on every process), then the shares
+    are gathered: a teacher's pass over the training set costs 1/N of it per process."""
+    n = len(encoded.features)
+    per = math.ceil(n / runtime.world)
+    mine = [min(i, n - 1) for i in range(runtime.rank * per, (runtime.rank + 1) * per)]
+    share = Encoded([encoded.features[i] for i in mine], None)
+    logits = predict_logits(model, tokenizer, share, batch_size, runtime.device, runtime.autocast)
+    return runtime.accelerator.gather(logits.to(runtime.device))[:n]
+
+
+@dataclass
+class Evaluation:
+    """How a run judges one trained model: `run()` gives its metrics; `metric` of them decides the best step."""
+
+    run: Callable[[], dict[str, float]] | None  # None without eval data (or for feature matching): keep the last
+    metric: str = ""
+    higher_is_better: bool = True
+
+
+def evaluation_for(cfg: RunConfig, model: nn.Module, tokenizer: Any, data: RunData, runtime: Runtime,
+                   mlm_collator: Any) -> Evaluation:
+    """The evaluation of the run's objective: accuracy, masked-LM loss, or retrieval recall@1."""
+    if data.eval is None or cfg.objective == "features":
+        return Evaluation(None)
+    device, autocast = runtime.device, runtime.autocast
+    if cfg.objective == "mlm":
+        return Evaluation(lambda: {"mlm_loss": mlm_loss(model, tokenizer, data.eval, cfg.eval_batch_size, device,
+                                                        mlm_collator)}, "mlm_loss", higher_is_better=False)
+    if not cfg.labelled:  # in-batch matching: each eval pair's left side retrieves among all right sides
+        return Evaluation(lambda: retrieval_metrics(*embed_pairs(model, tokenizer, data.eval, cfg.eval_batch_size,
+                                                                 device, autocast)), "recall_at_1")
+    labels = torch.tensor(data.eval.labels)
+
+    def accuracy() -> dict[str, float]:
+        logits = predict_logits(model, tokenizer, data.eval, cfg.eval_batch_size, device, autocast)
+        return {"accuracy": classification_metrics(logits, labels, data.label_names)["accuracy"]}
+
+    return Evaluation(accuracy, "accuracy")
+
+
+def trainee_metrics(entry: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """One trainee's metrics from a history entry (multi-student entries are keyed 'name/metric')."""
+    return {k.removeprefix(prefix): v for k, v in entry.items() if k in ("step", "epoch") or k.startswith(prefix)}
+
+
+def training_summary(state: LoopState, trainee: Trainee, runtime: Runtime, batch_size: int,
+                     grad_accum: int) -> dict[str, Any]:
+    best = state.best.get(trainee.name, {})
+    return {"steps": state.step, "best_step": best.get("step"), "samples_seen": state.samples_seen,
+            "train_seconds": round(state.train_seconds, 3),
+            "samples_per_second": round(state.samples_seen / max(state.train_seconds, 1e-9), 2),
+            "processes": runtime.world, "per_device_batch": batch_size,
+            "global_batch": batch_size * runtime.world * grad_accum, **trainee.trace.summary(runtime)}
+
+
+def final_weights(run_dir: Path, state: LoopState, trainee: Trainee, runtime: Runtime) -> Path:
+    """The folder of the weights to ship: the best evaluated, or without evaluation the last (saved now: every
+    process calls this, as a sharded model is gathered)."""
+    best = best_dir(run_dir, trainee.name)
+    if best.exists():
+        return best
+    last = run_dir / "last" / trainee.name
+    trainee.save(last, runtime)
+    runtime.barrier()
+    return last
+
+
+def output_record(state: LoopState, trainee: Trainee, record: dict[str, Any]) -> dict[str, Any]:
+    """The record with the trainee's metrics at its best step and its evaluation history."""
+    best_step = state.best.get(trainee.name, {}).get("step")
+    metrics = next((trainee_metrics(h, trainee.prefix) for h in state.history if h["step"] == best_step), {})
+    return {**record, "metrics": metrics, "history": [trainee_metrics(h, trainee.prefix) for h in state.history]}
+
+
+def write_model_folder(folder: Path, weights: Path, tokenizer: Any, record: dict[str, Any]) -> None:
+    """Weights, tokenizer and kdship.json into `folder` (a staged folder: rank 0 only)."""
+    shutil.copytree(weights, folder, dirs_exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    write_record(folder, record)
+
+
+def write_output(output: Path, run_dir: Path, state: LoopState, trainee: Trainee, tokenizer: Any,
+                 record: dict[str, Any], overwrite: bool, runtime: Runtime) -> dict[str, Any]:
+    """One model's output folder, written atomically by rank 0."""
+    weights = final_weights(run_dir, state, trainee, runtime)
+    record = output_record(state, trainee, record)
+    if runtime.is_main:
+        with staged_dir(output, overwrite=overwrite) as tmp:
+            write_model_folder(tmp, weights, tokenizer, record)
+    runtime.barrier()
+    return {"output": str(output), **record}

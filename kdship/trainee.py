@@ -1,0 +1,149 @@
+"""One model in training, whichever command trains it: a student of `kdship distill` (one of several, in a
+multi-student run) or the model of `kdship train`. It holds the transformers model that ships, the heads trained
+beside it that do not ship (projections of its hidden states), and its bookkeeping."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdship.runtime import Runtime, full_state_dict, is_sharded
+
+HIDDEN = "hidden_states"
+ATTENTIONS = "attentions"
+LOSS_WINDOW = 5  # steps averaged for the first and the last loss in kdship.json
+
+
+class HiddenProjection(nn.Module):
+    """Learned linear maps of chosen hidden states to another width (identity-initialised when the widths are
+    equal): how hidden states of models of different widths are compared."""
+
+    def __init__(self, layers: list[int], width_in: int, width_out: int):
+        super().__init__()
+        self.layers = list(layers)
+        self.maps = nn.ModuleList(nn.Linear(width_in, width_out) for _ in self.layers)
+        if width_in == width_out:
+            for m in self.maps:
+                nn.init.eye_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, out: Any) -> list[Tensor]:
+        return [m(out.hidden_states[i].float()) for m, i in zip(self.maps, self.layers)]
+
+
+class TrainedModule(nn.Module):
+    """The model and its heads as one module, so that DDP and FSDP see every parameter that gets a gradient in
+    the same forward call."""
+
+    def __init__(self, model: nn.Module, heads: dict[str, nn.Module]):
+        super().__init__()
+        self.model = model
+        self.heads = nn.ModuleDict(heads)
+
+    def forward(self, inputs: dict[str, Tensor], outputs: frozenset[str] = frozenset()) -> tuple[Any, dict[str, Any]]:
+        """The model's output with the extra outputs asked for (hidden states, attentions, head names)."""
+        heads = [name for name in self.heads if name in outputs]
+        out = self.model(**inputs, output_hidden_states=HIDDEN in outputs or bool(heads),
+                         output_attentions=ATTENTIONS in outputs)
+        return out, {name: self.heads[name](out) for name in heads}
+
+
+class RegionTimer:
+    """Seconds spent in a region, summed over steps. On CUDA the kernels run after the host moves on, so CUDA events
+    time them, and their elapsed times are read (one sync) every FOLD regions, not every step."""
+
+    FOLD = 100
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+        self.pending: list[tuple[Any, Any]] = []
+
+    @contextlib.contextmanager
+    def region(self):
+        if not self.cuda:
+            started = time.perf_counter()
+            yield
+            self.seconds += time.perf_counter() - started
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self.pending.append((start, end))
+        if len(self.pending) >= self.FOLD:
+            self.total()
+
+    def total(self) -> float:
+        if self.pending:
+            self.pending[-1][1].synchronize()
+            self.seconds += sum(start.elapsed_time(end) for start, end in self.pending) / 1000
+            self.pending.clear()
+        return self.seconds
+
+
+@dataclass
+class LossTrace:
+    """Detached per-micro-batch losses; only the first and last few are kept, and read once, at the end (reading
+    them every step would wait for the GPU)."""
+
+    first: list[Tensor] = field(default_factory=list)
+    last: deque = field(default_factory=lambda: deque(maxlen=LOSS_WINDOW))
+
+    def add(self, loss: Tensor) -> None:
+        if len(self.first) < LOSS_WINDOW:
+            self.first.append(loss)
+        self.last.append(loss)
+
+    def summary(self, runtime: Runtime) -> dict[str, float]:
+        """Mean loss over the first and the last few steps, averaged over processes: did this model learn?"""
+        mean = lambda losses: sum(float(x) for x in losses) / len(losses)  # noqa: E731
+        mine = {"loss_first": mean(self.first), "loss_last": mean(self.last)} if self.first else {}
+        every = [s for s in runtime.gather_objects(mine) if s]
+        return {k: sum(s[k] for s in every) / len(every) for k in every[0]} if every else {}
+
+
+@dataclass
+class Trainee:
+    """One trained model. `module` is what the processes train (the model and its heads, wrapped for DDP or
+    sharded by the runtime); `model` is what ships."""
+
+    name: str
+    model: nn.Module
+    heads: dict[str, nn.Module] = field(default_factory=dict)  # trained with the model, not shipped
+    metric: str = ""  # key of the evaluation that decides "best"; "" keeps the last weights
+    higher_is_better: bool = True
+    prefix: str = ""  # "" for one trained model, "name/" for several (log and metric keys)
+    details: dict[str, Any] = field(default_factory=dict)  # what its record says of where it came from
+    module: nn.Module | None = None
+    timer: RegionTimer | None = None
+    trace: LossTrace = field(default_factory=LossTrace)
+
+    def distribute(self, runtime: Runtime, sharding: str) -> None:
+        """Place the model and its heads on this process's device, as DDP replicas or FSDP shards."""
+        self.module = runtime.train_module(TrainedModule(self.model, self.heads), sharding, parts=[self.model])
+        self.timer = RegionTimer(runtime.device)
+
+    def __call__(self, inputs: dict[str, Tensor], outputs: frozenset[str] = frozenset()) -> tuple[Any, dict[str, Any]]:
+        return self.module(inputs, outputs)
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def save(self, folder: Path, runtime: Runtime) -> None:
+        """The shipped model, save_pretrained-style, written by rank 0 (a sharded one is gathered first: every
+        process must call this)."""
+        if is_sharded(self.module):
+            state = {k.removeprefix("model."): v for k, v in full_state_dict(self.module).items()
+                     if k.startswith("model.")}
+            if runtime.is_main:
+                self.model.save_pretrained(folder, state_dict=state)
+        elif runtime.is_main:
+            self.model.save_pretrained(folder)
