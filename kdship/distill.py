@@ -178,7 +178,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         loop_cfg = loop_config_for(cfg)
         state = fit(loop_cfg, plan, run.data.train, run.tokenizer, run_dir, runtime, run.collator, _label(run),
                     run.data.record())
-        return _write_outputs(run, state, run_dir, loop_cfg.batch_size)
+        return _write_outputs(run, state, run_dir)
 
 
 def _build_run(cfg: DistillConfig, tconfig: Any, runtime: Runtime) -> DistillRun:
@@ -206,8 +206,10 @@ def _build_run(cfg: DistillConfig, tconfig: Any, runtime: Runtime) -> DistillRun
                                                     t.model.config.hidden_size, teacher.config.hidden_size)
     total, _ = total_steps_for(loop_config_for(cfg), len(data.train.features), runtime.world)
     techniques = build_techniques(TechniqueContext(cfg, trainees[0], tokenizer, data.train, runtime, total))
+    # every parameter gets a gradient when a loss reads the student's own head (a bi-encoder's pooler does not)
+    all_used = "logits" in needs and cfg.objective not in ("match", "features")
     for t in trainees:
-        t.distribute(runtime, cfg.sharding)
+        t.distribute(runtime, cfg.sharding, all_used)
     return DistillRun(cfg, runtime, tokenizer, Teacher(teacher, cfg.teacher, wants, cache), trainees, data, collator,
                       terms, needs, techniques, evaluate)
 
@@ -281,7 +283,7 @@ def _label(run: DistillRun) -> str:
     return f"distill{several}" + (" (teacher cached)" if run.teacher.cache is not None else "")
 
 
-def _write_outputs(run: DistillRun, state: LoopState, run_dir: Path, batch_size: int) -> dict[str, Any]:
+def _write_outputs(run: DistillRun, state: LoopState, run_dir: Path) -> dict[str, Any]:
     cfg, runtime = run.cfg, run.runtime
     teacher = teacher_identity(cfg.teacher) | {"parameters": sum(p.numel() for p in run.teacher.model.parameters())}
     teacher_training = run.teacher.record(runtime)
@@ -289,7 +291,7 @@ def _write_outputs(run: DistillRun, state: LoopState, run_dir: Path, batch_size:
 
     def record_for(t: Trainee) -> dict[str, Any]:
         params = sum(p.numel() for p in t.module.parameters())  # the model and its heads
-        training = {**training_summary(state, t, runtime, batch_size, cfg.grad_accum), **teacher_training,
+        training = {**training_summary(state, t, runtime, cfg.batch_size, cfg.grad_accum), **teacher_training,
                     "student_forward_seconds": round(t.timer.total(), 3), "students_in_pass": len(run.trainees),
                     "training_state_mb": round(params * 4 * 4 / 2**20, 2)}  # weights, grads, AdamW's moments, fp32
         return {"command": "distill", "config": to_record(cfg), "data": run.data.record(),

@@ -140,6 +140,8 @@ def trainee_metrics(entry: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def training_summary(state: LoopState, trainee: Trainee, runtime: Runtime, batch_size: int,
                      grad_accum: int) -> dict[str, Any]:
+    """Steps, samples and throughput, the batch per device (the samples that get the step) and over all
+    processes and accumulated micro-batches, and the first and last losses."""
     best = state.best.get(trainee.name, {})
     return {"steps": state.step, "best_step": best.get("step"), "samples_seen": state.samples_seen,
             "train_seconds": round(state.train_seconds, 3),

@@ -115,14 +115,18 @@ class Runtime:
             return value
         return float(self.accelerator.reduce(torch.tensor([float(value)], device=self.device), "sum").item())
 
-    def train_module(self, module: nn.Module, sharding: str, parts: Sequence[nn.Module] = ()) -> nn.Module:
+    def train_module(self, module: nn.Module, sharding: str, parts: Sequence[nn.Module] = (),
+                     all_used: bool = False) -> nn.Module:
         """A trained module as the processes share it: wrapped in DDP by Accelerate (a no-op with one process),
-        or sharded with FSDP, `parts` (models called on their own, e.g. by evaluation) each a unit of their own."""
+        or sharded with FSDP, `parts` (models called on their own, e.g. by evaluation) each a unit of their own.
+        Unless every parameter gets a gradient in every step (`all_used`), DDP looks for the ones that do not (a
+        pooler no loss reads, a technique's head after its warm-up): an extra pass over the graph per step."""
         if sharding == "fsdp" and self.world > 1:
             module.to(self.device)
             for part in parts:
                 shard_layers(part)
             return shard_layers(module)
+        self.accelerator.ddp_handler.find_unused_parameters = not all_used
         return self.accelerator.prepare_model(module)
 
     def frozen_module(self, module: nn.Module, sharding: str) -> nn.Module:
@@ -164,10 +168,7 @@ def start_runtime(device: str, precision: str) -> Runtime:
     # process, each with its own precision. The process group itself (launched runs) is kept.
     AcceleratorState._reset_state(reset_partial_state=not launched_distributed())
     mixed = "bf16" if uses_bf16(torch.device("cpu" if cpu else "cuda"), precision) else "no"
-    # Parameters that get no gradient in a step (a pooler a loss does not read, a technique's head after its
-    # warm-up) are normal here, so DDP must look for them.
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed,
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=[DistributedDataParallelKwargs()])
     return Runtime(accelerator, precision)
 
 

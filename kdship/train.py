@@ -39,7 +39,8 @@ def _train(cfg: TrainConfig, runtime: Runtime, run_dir: Path) -> dict[str, Any]:
     loop_cfg = loop_config_for(cfg)
     total, _ = total_steps_for(loop_cfg, len(data.train.features), runtime.world)
     techniques = build_techniques(TechniqueContext(cfg, trainee, tokenizer, data.train, runtime, total))
-    trainee.distribute(runtime, cfg.sharding)
+    # a bi-encoder's pooler gets no gradient, nor does a technique's head once its phase is over
+    trainee.distribute(runtime, cfg.sharding, all_used=cfg.objective != "match" and not trainee.heads)
 
     def step(x: StepInput) -> StepResult:
         out, heads = trainee(x.tensors, x.outputs)
@@ -50,7 +51,7 @@ def _train(cfg: TrainConfig, runtime: Runtime, run_dir: Path) -> dict[str, Any]:
     state = fit(loop_cfg, plan, data.train, tokenizer, run_dir, runtime, collator, "train", data.record())
     record = {"command": "train", "config": to_record(cfg), "data": data.record(), "device": str(runtime.device),
               "model": {"source": cfg.model or cfg.init, "parameters": trainee.parameter_count()},
-              "training": training_summary(state, trainee, runtime, loop_cfg.batch_size, cfg.grad_accum),
+              "training": training_summary(state, trainee, runtime, cfg.batch_size, cfg.grad_accum),
               **technique_records(techniques, runtime)}
     return write_output(Path(cfg.output), run_dir, state, trainee, tokenizer, record, cfg.overwrite, runtime)
 

@@ -126,9 +126,11 @@ class Trainee:
     timer: RegionTimer | None = None
     trace: LossTrace = field(default_factory=LossTrace)
 
-    def distribute(self, runtime: Runtime, sharding: str) -> None:
-        """Place the model and its heads on this process's device, as DDP replicas or FSDP shards."""
-        self.module = runtime.train_module(TrainedModule(self.model, self.heads), sharding, parts=[self.model])
+    def distribute(self, runtime: Runtime, sharding: str, all_used: bool = False) -> None:
+        """Place the model and its heads on this process's device, as DDP replicas or FSDP shards. `all_used`:
+        every parameter gets a gradient in every step (the loss reads the model's own head, no head is idle)."""
+        self.module = runtime.train_module(TrainedModule(self.model, self.heads), sharding, parts=[self.model],
+                                           all_used=all_used)
         self.timer = RegionTimer(runtime.device)
 
     def __call__(self, inputs: dict[str, Tensor], outputs: frozenset[str] = frozenset()) -> tuple[Any, dict[str, Any]]:

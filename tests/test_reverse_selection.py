@@ -178,3 +178,53 @@ def test_reverse_and_selection_bad_inputs(data_dir, teacher_dir, small_model, tm
         assert result.exit_code == 2, result.output
         assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
         assert not out.exists()
+
+
+def test_selection_wrapper_hands_the_step_only_the_chosen_rows():
+    """The technique alone: a wrapped step on a fake batch, no loop."""
+    from kdship.config import SelectionConfig
+    from kdship.loop import StepInput, StepResult
+    from kdship.techniques.selection import SampleSelection
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, table):
+            super().__init__()
+            self.table = table
+
+        def forward(self, input_ids, **_):
+            return type("Out", (), {"logits": self.table[input_ids[:, 0]]})()
+
+    confident, unsure = torch.tensor([5.0, -5.0]), torch.tensor([0.0, 0.0])
+    large = Fixed(torch.stack([unsure, confident, unsure, confident]))
+    small = Fixed(torch.stack([confident, confident, confident, unsure]))
+    selector = Selector(small, large, ratio=0.5, mode="topk", refresh=1, n_examples=4, small_losses=None)
+    technique = SampleSelection(selector, SelectionConfig(by="small", ratio=0.5), candidates=4)
+    seen = []
+
+    def step(x: StepInput) -> StepResult:
+        seen.append((x.indices, x.tensors["labels"].tolist()))
+        return StepResult(torch.tensor(1.0), {"loss": 1.0}, len(x.indices))
+
+    batch = {"input_ids": torch.tensor([[0], [1], [2], [3]]), "labels": torch.tensor([0, 0, 0, 0])}
+    result = technique.wrap(step)(StepInput(batch, [0, 1, 2, 3], step=0, progress=0.0))
+    assert sorted(seen[0][0]) == [0, 2]  # the two the large model is unsure of and the small one knows
+    assert result.samples == 2 and result.logs["loss"] == 1.0 and "value_kept" in result.logs
+    assert technique.memory()["selection"] is selector.memory  # what a checkpoint keeps of it
+
+
+def test_a_planted_pickle_in_the_checkpoint_is_refused_without_running(data_dir, teacher_dir, tmp_path):
+    """--resume loads the checkpoint with weights_only=True: a pickle that would run code is one line, exit 2."""
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+
+            return os.system, (f"touch {marker}",)
+
+    run_dir = tmp_path / ".large.kdship-run"
+    run_dir.mkdir()
+    torch.save({"format": "kdship-checkpoint/2", "x": Payload()}, run_dir / "checkpoint.pt")
+    result = kdship(*_large_args(data_dir, teacher_dir, tmp_path / "large"), "--resume")
+    assert result.exit_code == 2 and not marker.exists(), result.output
+    assert result.stderr.count("\n") == 1 and "not a kdship checkpoint that can be loaded safely" in result.stderr

@@ -1,0 +1,148 @@
+"""Several processes (torchrun, gloo on CPU), for real: the same global batch gives the losses of one process,
+a run killed with kill -9 resumes to the weights of an uninterrupted one, FSDP (teacher or trained model) gives
+the losses of DDP, and the techniques' counts add up over processes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import kdship, kdship_ok
+
+LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kdship"]
+
+
+def launch(*args, wait: bool = True):
+    """`torchrun --nproc-per-node 2 -m kdship ARGS`: its result, or with wait=False the running launcher."""
+    cmd = LAUNCH + [str(a) for a in args]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
+    assert done.returncode == 0, errors or done.stderr[-3000:]
+    return done
+
+
+def kill_tree(run: subprocess.Popen) -> None:
+    """kill -9 the launcher and every process under it (torchrun starts its workers in sessions of their own)."""
+    import psutil
+
+    processes = [psutil.Process(run.pid), *psutil.Process(run.pid).children(recursive=True)]
+    for p in processes:
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(processes, timeout=30)
+
+
+def record(folder: Path) -> dict:
+    return json.loads((folder / "kdship.json").read_text())
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def still_student(teacher_dir, tmp_path_factory) -> Path:
+    """A 1-layer student without dropout (the teacher's tokenizer and labels): its losses depend on the data
+    alone, so 1 and 2 processes can be compared exactly."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(teacher_dir)
+    config.num_hidden_layers, config.hidden_dropout_prob, config.attention_probs_dropout_prob = 1, 0.0, 0.0
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("still") / "student"
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(out)
+    return out
+
+
+def _distill_args(teacher_dir, student, data_dir, out, batch, *extra):
+    return ["distill", "--teacher", teacher_dir, "--student", student, "--data", data_dir / "train.tsv",
+            "--eval-data", data_dir / "dev.tsv", "--max-steps", 8, "--batch-size", batch, "--eval-every", 4,
+            "--lr", "1e-3", "-o", out, *extra]
+
+
+def test_two_processes_match_one_process_at_the_same_global_batch(teacher_dir, still_student, data_dir, tmp_path):
+    kdship_ok(*_distill_args(teacher_dir, still_student, data_dir, tmp_path / "one", 16))
+    launch(*_distill_args(teacher_dir, still_student, data_dir, tmp_path / "two", 8))
+    one, two = record(tmp_path / "one")["training"], record(tmp_path / "two")["training"]
+    assert (one["processes"], one["per_device_batch"], one["global_batch"]) == (1, 16, 16)
+    assert (two["processes"], two["per_device_batch"], two["global_batch"]) == (2, 8, 16)
+    assert two["samples_seen"] == one["samples_seen"] == 8 * 16
+    # stated tolerance: 1e-4 relative on the losses, 1e-5 absolute on the weights (float sums in another order)
+    assert two["loss_first"] == pytest.approx(one["loss_first"], rel=1e-4)
+    assert two["loss_last"] == pytest.approx(one["loss_last"], rel=1e-4)
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert record(tmp_path / "two")["history"] == pytest.approx(record(tmp_path / "one")["history"], abs=1e-6)
+    assert not list(tmp_path.glob(".*kdship-run"))  # rank 0 cleaned up
+
+
+def _train_args(teacher_dir, data_dir, out, steps, *extra):
+    # the teacher's tokenizer and weights: a run started afresh sees exactly what the killed one saw
+    return ["train", "--model", teacher_dir, "--data", data_dir / "train.tsv", "--eval-data", data_dir / "dev.tsv",
+            "--max-steps", steps, "--batch-size", 8, "--eval-every", 50, "--save-every", 5, "--lr", "1e-3",
+            "-o", out, *extra]
+
+
+def test_a_two_process_run_killed_with_sigkill_resumes_to_the_uninterrupted_weights(teacher_dir, data_dir, tmp_path):
+    steps = 150
+    launch(*_train_args(teacher_dir, data_dir, tmp_path / "straight", steps))
+    run = launch(*_train_args(teacher_dir, data_dir, tmp_path / "killed", steps), wait=False)
+    checkpoint = tmp_path / ".killed.kdship-run" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    kill_tree(run)  # the launcher and both ranks, mid-run
+    assert checkpoint.exists() and not (tmp_path / "killed").exists(), "the run ended before it could be killed"
+    # another number of processes cannot take over the run
+    refused = kdship(*_train_args(teacher_dir, data_dir, tmp_path / "killed", steps), "--resume")
+    assert refused.exit_code == 2 and "made by 2 processes, this run has 1" in refused.stderr
+    launch(*_train_args(teacher_dir, data_dir, tmp_path / "killed", steps), "--resume")
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    straight, resumed = record(tmp_path / "straight"), record(tmp_path / "killed")
+    assert resumed["history"] == straight["history"] and resumed["training"]["samples_seen"] == steps * 16
+
+
+def test_fsdp_gives_the_losses_of_ddp_for_a_trained_model_and_for_the_teacher(teacher_dir, data_dir, tmp_path):
+    launch(*_train_args(teacher_dir, data_dir, tmp_path / "ddp", 6))
+    launch(*_train_args(teacher_dir, data_dir, tmp_path / "fsdp", 6, "--sharding", "fsdp"))
+    ddp, fsdp = record(tmp_path / "ddp")["training"], record(tmp_path / "fsdp")["training"]
+    assert fsdp["loss_first"] == pytest.approx(ddp["loss_first"], rel=1e-4)
+    assert fsdp["loss_last"] == pytest.approx(ddp["loss_last"], rel=1e-4)
+    a, b = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp")  # gathered from the shards into one file
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4  # Adam magnifies float-order noise
+    # a sharded teacher, run live every step with hidden-state matching, teaches what a replicated one does
+    args = lambda out, *x: _distill_args(teacher_dir, "bert:layers=1", data_dir, out, 8, "--teacher-cache", "off",  # noqa: E731
+                                         "--loss", "kd", "--loss", "hidden_mse", *x)
+    launch(*args(tmp_path / "replicated"))
+    launch(*args(tmp_path / "sharded", "--teacher-sharding", "fsdp"))
+    rep, shard = record(tmp_path / "replicated")["training"], record(tmp_path / "sharded")["training"]
+    assert shard["teacher_forward_calls"] == rep["teacher_forward_calls"] == 2 * 8  # one per batch per process
+    assert shard["loss_first"] == pytest.approx(rep["loss_first"], rel=1e-4)
+    assert shard["loss_last"] == pytest.approx(rep["loss_last"], rel=1e-4)
+
+
+def test_selection_under_two_processes_counts_every_processs_samples(teacher_dir, still_student, data_dir, tmp_path):
+    launch(*_distill_args(teacher_dir, still_student, data_dir, tmp_path / "selected", 8, "--select-by", teacher_dir))
+    selected = record(tmp_path / "selected")
+    # each process scores 16 candidates a step (8 / ratio 0.5) and trains on 8
+    assert selected["selection"]["candidates_per_step"] == 16
+    assert selected["selection"]["candidates"] == 8 * 2 * 16 and selected["selection"]["selected"] == 8 * 2 * 8
+    assert selected["training"]["samples_seen"] == 8 * 2 * 8 and selected["training"]["global_batch"] == 16
+
+
+def test_sharding_needs_several_processes(teacher_dir, data_dir, tmp_path):
+    result = kdship(*_train_args(teacher_dir, data_dir, tmp_path / "out", 2, "--sharding", "fsdp"))
+    assert result.exit_code == 2 and "sharding fsdp shards a model across processes" in result.stderr
+    assert result.stderr.count("\n") == 1 and not list(tmp_path.iterdir())
