@@ -84,8 +84,8 @@ def reverse_warmup(s: dict[str, Any], work: Path) -> dict[str, Any]:
               "max_steps": s["large_steps"], "batch_size": s["batch"], "eval_every": s["mlm_eval_every"],
               "overwrite": True}
     runs = {"plain": timed_train(TrainConfig(**common, output=str(work / "large-plain"))),
-            "reverse": timed_train(TrainConfig(**common, output=str(work / "large-reverse"), reverse_from=str(small),
-                                               reverse_steps=s["reverse_steps"]))}
+            "reverse": timed_train(TrainConfig(**common, output=str(work / "large-reverse"),
+                                               reverse={"from": str(small), "steps": s["reverse_steps"]}))}
     small_loss = read_record(small)["metrics"]["mlm_loss"]
     target = max(small_loss, min(h["mlm_loss"] for h in runs["plain"][0]["history"]))  # reachable by the plain run
     return {"small_model_mlm_loss": small_loss, **compare_runs(runs, "mlm_loss", target, False, "plain")}
@@ -104,8 +104,8 @@ def sample_value(s: dict[str, Any], minilm: Path, work: Path) -> dict[str, Any]:
     common = {"model": str(minilm), "data": data, "max_steps": s["finetune_steps"], "batch_size": 32, "lr": 5e-5,
               "eval_every": s["eval_every"], "overwrite": True}
     runs = {"plain": timed_train(TrainConfig(**common, output=str(work / "ft-plain"))),
-            "selected": timed_train(TrainConfig(**common, output=str(work / "ft-selected"), select_by=str(small),
-                                                select_ratio=0.5))}
+            "selected": timed_train(TrainConfig(**common, output=str(work / "ft-selected"),
+                                                selection={"by": str(small), "ratio": 0.5}))}
     target = 0.97 * max(h["accuracy"] for h in runs["plain"][0]["history"])
     result = compare_runs(runs, "accuracy", target, True, "plain")
     result["selected"]["selection"] = runs["selected"][0]["selection"]
@@ -143,8 +143,8 @@ def reverse_matching(s: dict[str, Any], minilm: Path, work: Path) -> dict[str, A
     train(TrainConfig(**common, init=s["small"], output=str(small)))
     large = {**common, "init": s["large"]}
     runs = {"plain": timed_train(TrainConfig(**large, output=str(work / "match-plain"))),
-            "reverse": timed_train(TrainConfig(**large, output=str(work / "match-reverse"), reverse_from=str(small),
-                                               reverse_steps=int(0.45 * s["match_steps"])))}
+            "reverse": timed_train(TrainConfig(**large, output=str(work / "match-reverse"),
+                                               reverse={"from": str(small), "steps": int(0.45 * s["match_steps"])}))}
     small_recall = read_record(small)["metrics"]["recall_at_1"]
     target = min(small_recall, max(h["recall_at_1"] for h in runs["plain"][0]["history"]))
     return {"small_model_recall_at_1": small_recall, **compare_runs(runs, "recall_at_1", target, True, "plain")}

@@ -12,7 +12,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -296,7 +296,6 @@ def fit(cfg: RunConfig, plan: TrainingPlan, train: Encoded, tokenizer: Any, run_
         state = checkpointer.load(plan, optimizer, scheduler)
     eval_every = cfg.eval_every or groups_per_epoch
     lengths = train.lengths()
-    modules = [t.module for t in plan.trainees]
     pending_samples = 0  # this process's samples since the last count over all processes
     with _progress(progress_label, total, state.step, runtime.is_main) as bar:
         while state.step < total:
@@ -304,26 +303,10 @@ def fit(cfg: RunConfig, plan: TrainingPlan, train: Encoded, tokenizer: Any, run_
             groups = [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
             for gi in range(state.group_in_epoch, len(groups)):
                 started = time.perf_counter()
-                for m in modules:
-                    m.train()
-                logs: dict[str, Any] = {}
-                for bi, global_batch in enumerate(groups[gi]):
-                    indices = runtime.shard_of(global_batch)
-                    # masking seeded per batch and process: it does not depend on history, so a resume repeats it
-                    mask_seed = (hash((cfg.seed, state.epoch, gi, bi)) + runtime.rank) & 0x7FFFFFFF
-                    tensors = {k: v.to(runtime.device) for k, v in
-                               collate(tokenizer, train, indices, mlm_collator, mask_seed).items()}
-                    with runtime.no_sync(modules, skip=bi < len(groups[gi]) - 1):
-                        with runtime.autocast():
-                            result = plan.step(StepInput(tensors, indices, state.step, state.step / total))
-                        runtime.backward(result.loss / len(groups[gi]))
-                    logs = result.logs
-                    pending_samples += result.samples
-                for m in modules:
-                    torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                micro = _micro_batches(cfg, groups[gi], state.epoch, gi, train, tokenizer, mlm_collator, runtime)
+                logs, samples = _optimizer_step(cfg, plan, micro, len(groups[gi]), state.step, total, runtime,
+                                                optimizer, scheduler)
+                pending_samples += samples
                 state.step += 1
                 state.group_in_epoch = gi + 1
                 state.train_seconds += time.perf_counter() - started
@@ -343,6 +326,40 @@ def fit(cfg: RunConfig, plan: TrainingPlan, train: Encoded, tokenizer: Any, run_
                 state.epoch += 1
                 state.group_in_epoch = 0
     return state
+
+
+def _micro_batches(cfg: RunConfig, group: list[list[int]], epoch: int, gi: int, train: Encoded, tokenizer: Any,
+                   mlm_collator: Any, runtime: Runtime) -> Iterator[tuple[list[int], dict[str, Tensor]]]:
+    """This process's share of each global micro-batch of a step, collated on its device."""
+    for bi, global_batch in enumerate(group):
+        indices = runtime.shard_of(global_batch)
+        # masking seeded per batch and process: it does not depend on history, so a resume repeats it
+        mask_seed = (hash((cfg.seed, epoch, gi, bi)) + runtime.rank) & 0x7FFFFFFF
+        batch = collate(tokenizer, train, indices, mlm_collator, mask_seed)
+        yield indices, {k: v.to(runtime.device) for k, v in batch.items()}
+
+
+def _optimizer_step(cfg: RunConfig, plan: TrainingPlan, micro_batches: Iterator, count: int, step: int,
+                    total: int, runtime: Runtime, optimizer: Any, scheduler: Any) -> tuple[dict[str, Any], int]:
+    """One optimizer step over `count` micro-batches; gradients are all-reduced on the last one only. Returns the
+    last micro-batch's logs and this process's trained samples."""
+    modules = [t.module for t in plan.trainees]
+    for m in modules:
+        m.train()
+    logs: dict[str, Any] = {}
+    samples = 0
+    for bi, (indices, tensors) in enumerate(micro_batches):
+        with runtime.no_sync(modules, skip=bi < count - 1):
+            with runtime.autocast():
+                result = plan.step(StepInput(tensors, indices, step, step / total))
+            runtime.backward(result.loss / count)
+        logs, samples = result.logs, samples + result.samples
+    for m in modules:
+        torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return logs, samples
 
 
 def _evaluate(plan: TrainingPlan, state: LoopState, run_dir: Path, runtime: Runtime) -> None:

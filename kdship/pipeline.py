@@ -18,6 +18,7 @@ from kdship.config import (PIPELINE_FIELDS, DataConfig, DistillConfig, PipelineC
                            deep_merge, drop_unset, read_recipe, to_record)
 from kdship.errors import ConfigError, KdshipError
 from kdship.loop import START_FLAGS
+from kdship.runtime import Runtime, start_runtime
 
 STAGES = "stages"
 
@@ -116,12 +117,15 @@ def preflight(stages: list[Stage]) -> None:
             raise type(e)(f"stage {stage.spec.name!r}: {e}") from None
 
 
-def _prepare_output(p: PipelineConfig) -> None:
+def _prepare_output(p: PipelineConfig, runtime: Runtime) -> None:
+    """Every process checks (so all stop on a refusal); rank 0 alone clears."""
     out = Path(p.output)
-    if out.exists() and p.overwrite and not p.resume:
-        shutil.rmtree(out)
-    elif out.exists() and not p.resume:
+    if out.exists() and not (p.overwrite or p.resume):
         raise ConfigError(f"output {out} already exists; pass --resume to continue the pipeline or --overwrite")
+    runtime.barrier()
+    if runtime.is_main and out.exists() and p.overwrite and not p.resume:
+        shutil.rmtree(out)
+    runtime.barrier()
 
 
 # Fields a pipeline's stages name in the recipe; on top of it only the rest can be overridden.
@@ -151,7 +155,8 @@ def run_pipeline(p: PipelineConfig) -> dict[str, Any]:
 
     stages = resolve(p)
     preflight(stages)
-    _prepare_output(p)
+    runtime = start_runtime(p.device, p.precision)  # joins a launcher's processes before any file is touched
+    _prepare_output(p, runtime)
     out = console()
     done = []
     for i, stage in enumerate(stages):
@@ -169,9 +174,12 @@ def run_pipeline(p: PipelineConfig) -> dict[str, Any]:
                      "teacher": stage.config.teacher, "data": stage.config.data.train,
                      "objective": stage.config.objective, "losses": [s.name for s in stage.config.losses],
                      "metrics": _stage_metrics(result, p)})
-    final = _publish_final(p, Path(stages[-1].config.output), done)
+    final = {name: str(Path(p.output) / name) for name in (p.students or ["student"])}
     record = {"command": "distill-pipeline", "config": to_record(p), "stages": done, "final": final}
-    write_record(Path(p.output), record)
+    if runtime.is_main:
+        _publish_final(p, Path(stages[-1].config.output), done)
+        write_record(Path(p.output), record)
+    runtime.barrier()
     return {"output": p.output, **record}
 
 
@@ -190,16 +198,12 @@ def _stage_metrics(result: dict[str, Any], p: PipelineConfig) -> dict[str, Any]:
     return result.get("metrics", {})
 
 
-def _publish_final(p: PipelineConfig, last: Path, stages: list[dict[str, Any]]) -> dict[str, str]:
+def _publish_final(p: PipelineConfig, last: Path, stages: list[dict[str, Any]]) -> None:
     """The last stage's student(s), copied to OUT/student (or OUT/<name>) with the whole pipeline in kdship.json."""
-    names = list(p.students) if p.students else ["student"]
-    final = {}
-    for name in names:
+    for name in p.students or ["student"]:
         source = last / name if p.students else last
         target = Path(p.output) / name
         with staged_dir(target, overwrite=True) as tmp:
             shutil.copytree(source, tmp, dirs_exist_ok=True)
             record = read_record(tmp) or {}
             write_record(tmp, {**record, "pipeline": {"stages": stages, "config": to_record(p)}})
-        final[name] = str(target)
-    return final

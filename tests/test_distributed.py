@@ -16,13 +16,17 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import kdship, kdship_ok
+from test_progressive import teachers  # noqa: F401 (a fixture)
 
-LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kdship"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kdship"]
+# Accelerate's multi-GPU launcher is torch's elastic launch: on a machine without CUDA kdship runs it on gloo
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kdship"]
 
 
-def launch(*args, wait: bool = True):
+def launch(*args, wait: bool = True, launcher: list[str] = TORCHRUN):
     """`torchrun --nproc-per-node 2 -m kdship ARGS`: its result, or with wait=False the running launcher."""
-    cmd = LAUNCH + [str(a) for a in args]
+    cmd = launcher + [str(a) for a in args]
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -84,6 +88,9 @@ def test_two_processes_match_one_process_at_the_same_global_batch(teacher_dir, s
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert record(tmp_path / "two")["history"] == pytest.approx(record(tmp_path / "one")["history"], abs=1e-6)
     assert not list(tmp_path.glob(".*kdship-run"))  # rank 0 cleaned up
+    launch(*_distill_args(teacher_dir, still_student, data_dir, tmp_path / "accelerate", 8), launcher=ACCELERATE)
+    via_accelerate = record(tmp_path / "accelerate")["training"]
+    assert via_accelerate["processes"] == 2 and via_accelerate["loss_last"] == pytest.approx(one["loss_last"], rel=1e-4)
 
 
 def _train_args(teacher_dir, data_dir, out, steps, *extra):
@@ -146,3 +153,14 @@ def test_sharding_needs_several_processes(teacher_dir, data_dir, tmp_path):
     result = kdship(*_train_args(teacher_dir, data_dir, tmp_path / "out", 2, "--sharding", "fsdp"))
     assert result.exit_code == 2 and "sharding fsdp shards a model across processes" in result.stderr
     assert result.stderr.count("\n") == 1 and not list(tmp_path.iterdir())
+
+
+def test_a_progressive_pipeline_runs_under_two_processes(teachers, data_dir, tmp_path):
+    from test_progressive import THREE_STAGES, _recipe
+
+    recipe = _recipe(tmp_path, teachers, data_dir, THREE_STAGES)
+    launch("distill", "--recipe", recipe, "-o", tmp_path / "out")
+    pipeline = record(tmp_path / "out")
+    assert [s["name"] for s in pipeline["stages"]] == ["general", "teacher", "task"]
+    final = record(tmp_path / "out" / "student")
+    assert final["training"]["processes"] == 2 and "accuracy" in final["metrics"] and "pipeline" in final

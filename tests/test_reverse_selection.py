@@ -54,17 +54,18 @@ def test_per_example_loss_for_classification_and_mlm():
     assert per_example_loss(mlm_logits, mlm_labels).tolist() == pytest.approx(expected)
 
 
+class Fixed(torch.nn.Module):
+    """A 'model' whose logits are given per input id: the loss of each example is known exactly."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, input_ids, **_):
+        return type("Out", (), {"logits": self.table[input_ids[:, 0]]})()
+
+
 def test_selector_trains_on_the_samples_the_small_model_knows_and_the_large_does_not():
-    class Fixed(torch.nn.Module):
-        """A 'model' whose logits are given per input id: the loss of each example is known exactly."""
-
-        def __init__(self, table):
-            super().__init__()
-            self.table = table
-
-        def forward(self, input_ids, **_):
-            return type("Out", (), {"logits": self.table[input_ids[:, 0]]})()
-
     labels = torch.tensor([0, 0, 0, 0])
     confident, unsure = torch.tensor([5.0, -5.0]), torch.tensor([0.0, 0.0])
     large = Fixed(torch.stack([unsure, unsure, confident, confident]))  # large unsure about examples 0 and 1
@@ -185,14 +186,6 @@ def test_selection_wrapper_hands_the_step_only_the_chosen_rows():
     from kdship.config import SelectionConfig
     from kdship.loop import StepInput, StepResult
     from kdship.techniques.selection import SampleSelection
-
-    class Fixed(torch.nn.Module):
-        def __init__(self, table):
-            super().__init__()
-            self.table = table
-
-        def forward(self, input_ids, **_):
-            return type("Out", (), {"logits": self.table[input_ids[:, 0]]})()
 
     confident, unsure = torch.tensor([5.0, -5.0]), torch.tensor([0.0, 0.0])
     large = Fixed(torch.stack([unsure, confident, unsure, confident]))
