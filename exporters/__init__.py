@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kdship.errors import ConfigError
+from kdship.errors import ConfigError, ModelError
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,12 @@ def onnxruntime_runner(path: Path, providers: tuple[str, ...] = ("CPUExecutionPr
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=list(providers))
+    try:
+        session = ort.InferenceSession(str(path), options, providers=list(providers))
+    except Exception as e:  # ORT's own error types: a truncated or foreign file is not a crash of kdship
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{path} cannot be loaded by ONNX Runtime ({reason}); the file is damaged or not an ONNX "
+                         "model: re-export it") from None
     return lambda feeds: session.run(["logits"], feeds)[0]
 
 

@@ -76,6 +76,7 @@ def staged_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging."))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; another user (a container) must read outputs
     try:
         yield tmp
         if out.exists():

@@ -14,10 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from kdship.models import under_weights_policy
 from kdship.artifacts import atomic_write_json, atomic_write_text, library_versions, read_record, staged_dir
-from kdship.backends import BACKENDS, get_backend, model_file, read_manifest
+from kdship.backends import BACKENDS, get_backend, model_file
+from kdship.manifest import read_manifest
 from kdship.config import BenchConfig, to_record
-from kdship.errors import ConfigError, ModelError
+from kdship.errors import ConfigError, DataError, ModelError
 
 
 def cpu_name() -> str:
@@ -82,12 +84,16 @@ def measure(run: Any, feeds: dict[str, np.ndarray], cfg: BenchConfig) -> dict[st
 
 
 class Inputs:
-    """Token ids of an exact (batch, seq) shape: real eval texts when the model's record names them, else random."""
+    """Token ids of an exact (batch, seq) shape: real eval texts (`real`; with `auto` when the model's record names
+    them), else random. What was used is in every row."""
 
     def __init__(self, folder: Path, names: list[str], vocab_size: int, kind: str):
         self.names = names
         self.vocab_size = vocab_size
-        self.real = _real_ids(folder) if kind == "real" else None
+        self.real = _real_ids(folder) if kind != "random" else None
+        if kind == "real" and self.real is None:
+            raise DataError(f"--inputs real: {folder} names no eval data that can be read (its kdship.json has none, "
+                            "or the file moved); pass --inputs auto or random")
 
     def feeds(self, batch: int, seq: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(batch * 10_000 + seq)
@@ -130,7 +136,7 @@ def _model_folder_for_torch(folder: Path) -> Path:
     return folder
 
 
-def resolve(folder: Path, backend_name: str, seqs: list[int]) -> Path:
+def resolve(folder: Path, backend_name: str, seqs: list[int], verify: bool = True) -> Path:
     """The file (or model folder) a backend runs for this model; checked for every pair before measuring."""
     from kdship.models import load_config, max_tokens
 
@@ -139,7 +145,7 @@ def resolve(folder: Path, backend_name: str, seqs: list[int]) -> Path:
     longest = max_tokens(max(seqs), load_config(str(folder), "model"))
     if longest < max(seqs):
         raise ConfigError(f"--seq {max(seqs)} is longer than {folder.name} takes ({longest} tokens); lower --seq")
-    return model_file(source, backend, None)
+    return model_file(source, backend, None, verify)
 
 
 def model_inputs(folder: Path, cfg: BenchConfig) -> Inputs:
@@ -206,6 +212,7 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
+@under_weights_policy
 def bench(cfg: BenchConfig) -> dict[str, Any]:
     from kdship.backends import load_all
 
@@ -225,7 +232,7 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
         from kdship.artifacts import check_output_dir
 
         check_output_dir(Path(cfg.output), cfg.overwrite)
-    plan = [(folder, backend, resolve(folder, backend, cfg.seq)) for folder in folders for backend in cfg.backends]
+    plan = [(folder, backend, resolve(folder, backend, cfg.seq, cfg.verify)) for folder in folders for backend in cfg.backends]
     inputs = {folder: model_inputs(folder, cfg) for folder in folders}
     rows = [row for folder, backend, path in plan for row in bench_model(folder, backend, path, inputs[folder], cfg)]
     add_speedups(rows, folders[0].name)

@@ -31,6 +31,9 @@ def command(fn: Callable | None = None, *, name: str | None = None, on: typer.Ty
         except KdshipError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:  # a path that cannot be written or read: under a file, no permission, disk full
+            typer.echo(f"error: {_path_problem(e)}", err=True)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             hint = "; rerun with --resume to continue from the last checkpoint" if fn.__name__ in RESUMABLE else ""
             typer.echo(f"interrupted{hint}", err=True)
@@ -40,6 +43,19 @@ def command(fn: Callable | None = None, *, name: str | None = None, on: typer.Ty
 
 
 RESUMABLE = ("train", "distill")
+
+
+def _path_problem(e: OSError) -> str:
+    """One line for a path the command could not use."""
+    import errno
+    from pathlib import Path
+
+    if e.filename and e.errno in (errno.EEXIST, errno.ENOTDIR):
+        blocking = next((p for p in (Path(e.filename), *Path(e.filename).parents) if p.is_file()), None)
+        if blocking is not None:
+            return f"{blocking} is a file, so nothing can be written under it; choose another path"
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}; choose another path or fix its permissions"
 
 
 # ---- options shared by several commands (declared once) -----------------------------------------------------------
@@ -74,6 +90,10 @@ Device = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cu
 Precision = Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 on CUDA) | fp32 | bf16")]
 Resume = Annotated[Optional[bool], typer.Option("--resume", help="continue an interrupted run from its checkpoint")]
 Overwrite = Annotated[Optional[bool], typer.Option("--overwrite", help="replace an existing output")]
+AllowPickle = Annotated[Optional[bool], typer.Option("--allow-pickle-weights", help="load pytorch_model.bin (pickle: "
+                                                    "can run code) from folders without safetensors")]
+Verify = Annotated[Optional[bool], typer.Option("--verify/--no-verify", help="check the artifact's files against the "
+                                                                            "sha256 in its manifest (default: on)")]
 Sharding = Annotated[Optional[str], typer.Option("--sharding", help="with several processes: ddp (a copy of the "
                                                                     "trained model per device) | fsdp (sharded)")]
 
@@ -126,6 +146,7 @@ def train(
     grad_accum: GradAccum = None, lr: Lr = None, eval_every: EvalEvery = None, save_every: SaveEvery = None,
     seed: Seed = None, device: Device = None, precision: Precision = None, sharding: Sharding = None,
     output: Output = None, recipe: Recipe = None, resume: Resume = None, overwrite: Overwrite = None,
+    allow_pickle_weights: AllowPickle = None,
 ) -> None:
     """Fine-tune (or --objective mlm pretrain) one model: how teachers are made; with reverse distillation from a
     small model, or sample-value selection by one."""
@@ -140,7 +161,7 @@ def train(
         data=_data(data, eval_data, text_column, label_column, max_length, max_train_samples, max_eval_samples),
         objective=objective, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
         lr=lr, eval_every=eval_every, save_every=save_every, seed=seed, device=device, precision=precision,
-        output=output, resume=resume, overwrite=overwrite)
+        output=output, resume=resume, overwrite=overwrite, allow_pickle_weights=allow_pickle_weights)
     _print_run(run(cfg))
 
 
@@ -195,6 +216,7 @@ def distill(
     grad_accum: GradAccum = None, lr: Lr = None, eval_every: EvalEvery = None, save_every: SaveEvery = None,
     seed: Seed = None, device: Device = None, precision: Precision = None, sharding: Sharding = None,
     output: Output = None, recipe: Recipe = None, resume: Resume = None, overwrite: Overwrite = None,
+    allow_pickle_weights: AllowPickle = None,
 ) -> None:
     """Distill students from a teacher: soft/hard labels, hidden-state and attention matching, MLM or feature
     objectives, several students in one pass, progressive pipelines (a recipe with stages:)."""
@@ -208,7 +230,7 @@ def distill(
         data=_data(data, eval_data, text_column, label_column, max_length, max_train_samples, max_eval_samples),
         objective=objective, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
         lr=lr, eval_every=eval_every, save_every=save_every, seed=seed, device=device, precision=precision,
-        output=output, resume=resume, overwrite=overwrite)
+        output=output, resume=resume, overwrite=overwrite, allow_pickle_weights=allow_pickle_weights)
     if "final" in result:  # a pipeline
         _echo(f"wrote {result['output']}: final {', '.join(result['final'].values())}")
     else:
@@ -224,7 +246,7 @@ def evaluate(
     max_eval_samples: MaxEval = None,
     batch_size: BatchSize = None, device: Device = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="JSON path (default STUDENT/eval.json)")] = None,
-    recipe: Recipe = None,
+    allow_pickle_weights: AllowPickle = None, recipe: Recipe = None,
 ) -> None:
     """Evaluate student and teacher on the same split: accuracy, macro-F1, retention, agreement, ECE."""
     from kdship.config import EvalConfig, build_config
@@ -233,7 +255,7 @@ def evaluate(
 
     cfg = build_config(EvalConfig, recipe, student=student, teacher=teacher, batch_size=batch_size, device=device,
                        output=output, data=_data(None, data, text_column, label_column, max_length, None,
-                                                 max_eval_samples))
+                                                 max_eval_samples), allow_pickle_weights=allow_pickle_weights)
     print_eval(run(cfg))
 
 
@@ -249,7 +271,7 @@ def export(
     max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop")] = None,
     allow_mismatch: Annotated[Optional[bool], typer.Option("--allow-mismatch", help="write even if parity fails")] = None,
     text_column: TextColumn = None, label_column: LabelColumn = None, max_length: MaxLength = None,
-    overwrite: Overwrite = None, recipe: Recipe = None,
+    allow_pickle_weights: AllowPickle = None, overwrite: Overwrite = None, recipe: Recipe = None,
 ) -> None:
     """Export to ONNX / ONNX Runtime variants, each checked against PyTorch, in one artifact folder."""
     from kdship.config import ExportConfig, build_config
@@ -258,7 +280,7 @@ def export(
     cfg = build_config(ExportConfig, recipe, student=student, to=to, output=output, opset=opset, eval_data=eval_data,
                        calib_data=calib_data, max_accuracy_drop=max_accuracy_drop, allow_mismatch=allow_mismatch,
                        text_columns=text_column, label_column=label_column, max_length=max_length,
-                       overwrite=overwrite)
+                       allow_pickle_weights=allow_pickle_weights, overwrite=overwrite)
     result = run(cfg)
     typer.echo(f"wrote {result['output']} ({', '.join(v['file'] for v in result['variants'].values())})")
 
@@ -277,7 +299,7 @@ def serve(
     max_wait_ms: Annotated[Optional[float], typer.Option("--max-wait-ms")] = None,
     max_texts: Annotated[Optional[int], typer.Option("--max-texts", help="most texts per request")] = None,
     max_text_chars: Annotated[Optional[int], typer.Option("--max-text-chars")] = None,
-    recipe: Recipe = None,
+    verify: Verify = None, allow_pickle_weights: AllowPickle = None, recipe: Recipe = None,
 ) -> None:
     """Serve an artifact over HTTP: /v1/classify, /health, /metrics, /v1/model."""
     from kdship.config import ServeConfig, build_config
@@ -285,7 +307,8 @@ def serve(
 
     run(build_config(ServeConfig, recipe, artifact=artifact, host=host, port=port, backend=backend, variant=variant,
                      threads=threads, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                     max_texts=max_texts, max_text_chars=max_text_chars))
+                     max_texts=max_texts, max_text_chars=max_text_chars, verify=verify,
+                     allow_pickle_weights=allow_pickle_weights))
 
 
 def _ints(value: str | None) -> list[int] | None:
@@ -308,9 +331,10 @@ def bench(
     warmup_s: Annotated[Optional[float], typer.Option("--warmup-s")] = None,
     min_runs: Annotated[Optional[int], typer.Option("--min-runs")] = None,
     max_seconds: Annotated[Optional[float], typer.Option("--max-seconds", help="time bound per point")] = None,
-    inputs: Annotated[Optional[str], typer.Option("--inputs", help="real | random")] = None,
+    inputs: Annotated[Optional[str], typer.Option("--inputs", help="auto (real when known) | real | random")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="folder for bench.json/csv")] = None,
-    overwrite: Overwrite = None, recipe: Recipe = None,
+    verify: Verify = None, allow_pickle_weights: AllowPickle = None, overwrite: Overwrite = None,
+    recipe: Recipe = None,
 ) -> None:
     """Latency and throughput, several models side by side, per backend, batch size and sequence length."""
     from kdship.bench import bench as run
@@ -320,7 +344,8 @@ def bench(
     backends = [b.strip() for item in backend for b in item.split(",") if b.strip()] if backend else None
     print_bench(run(build_config(BenchConfig, recipe, models=models, backends=backends, batch=_ints(batch),
                                  seq=_ints(seq), threads=threads, warmup_s=warmup_s, min_runs=min_runs,
-                                 max_seconds=max_seconds, inputs=inputs, output=output, overwrite=overwrite)))
+                                 max_seconds=max_seconds, inputs=inputs, output=output, overwrite=overwrite,
+                                 verify=verify, allow_pickle_weights=allow_pickle_weights)))
 
 
 @command
@@ -345,6 +370,7 @@ def gate(
     json_out: Annotated[Optional[str], typer.Option("--json", help="write the results as JSON here")] = None,
     baseline: Annotated[Optional[str], typer.Option("--baseline", help="committed baseline JSON to compare")] = None,
     update_baseline: Annotated[Optional[bool], typer.Option("--update-baseline", help="write --baseline anew")] = None,
+    verify: Verify = None,
 ) -> None:
     """Check accuracy and speed budgets: exit 0 when all hold, 1 when any fails, 2 on bad input."""
     from kdship.config import GateConfig, build_config
@@ -352,7 +378,7 @@ def gate(
     from kdship.gate import print_gate, raise_if_failed
 
     result = run(build_config(GateConfig, budgets=budgets, runs=runs, junit=junit, json_out=json_out,
-                              baseline=baseline, update_baseline=update_baseline))
+                              baseline=baseline, update_baseline=update_baseline, verify=verify))
     print_gate(result)
     raise_if_failed(result)
 
@@ -370,7 +396,7 @@ def deploy_triton(
     kind: Annotated[Optional[str], typer.Option("--kind", help="gpu | cpu")] = None,
     max_batch: Annotated[Optional[int], typer.Option("--max-batch")] = None,
     instances: Annotated[Optional[int], typer.Option("--instances")] = None,
-    max_length: MaxLength = None, overwrite: Overwrite = None, recipe: Recipe = None,
+    max_length: MaxLength = None, verify: Verify = None, overwrite: Overwrite = None, recipe: Recipe = None,
 ) -> None:
     """A Triton model repository: classifier + Python tokenizer + ensemble (raw text in, logits out)."""
     from kdship.config import TritonConfig, build_config
@@ -378,7 +404,7 @@ def deploy_triton(
 
     result = run(build_config(TritonConfig, recipe, artifact=artifact, output=output, name=name, variant=variant,
                               kind=kind, max_batch=max_batch, instances=instances, max_length=max_length,
-                              overwrite=overwrite))
+                              verify=verify, overwrite=overwrite))
     typer.echo(f"wrote {result['output']}: {', '.join(result['models'].values())} ({result['variant']} variant, "
                f"texts padded to {result['max_length']} tokens)")
 

@@ -18,11 +18,19 @@ Precision = Literal["auto", "fp32", "bf16"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # inf/nan in a float setting (--temperature inf) would train to the end and fail writing the record
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+
+def resolvable(value: str | None) -> str | None:
+    """A local data path made absolute (records and resumes then work from any folder); hub ids unchanged."""
+    return str(Path(value).resolve()) if value and Path(value).exists() else value
 
 
 class DataConfig(Strict):
     """Where the examples come from and which columns hold text and labels."""
+
+    _absolute = field_validator("train", "eval")(lambda cls, v: resolvable(v))
 
     train: str | None = Field(None, description="train file (csv/tsv/jsonl/parquet/txt[.gz]/folder) or hub id")
     eval: str | None = Field(None, description="eval file or hub id (hub ids may end in :split)")
@@ -71,7 +79,8 @@ class SelectionConfig(Strict):
 class ReverseConfig(Strict):
     """Reverse distillation: a small trained model teaches the trained model early on, with a decaying weight."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True, serialize_by_alias=True)
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False, populate_by_name=True,
+                              serialize_by_alias=True)
 
     from_: str = Field(alias="from", description="the small trained model (folder or hub id)")
     steps: int = Field(ge=1, description="steps over which its weight decays to 0")
@@ -133,6 +142,8 @@ class RunConfig(Strict):
     precision: Precision = "auto"
     overwrite: bool = False
     resume: bool = False
+    allow_pickle_weights: bool = Field(False, description="load pytorch_model.bin (pickle, which can run code) "
+                                                          "from a folder without safetensors")
     sharding: Literal["ddp", "fsdp"] = Field(
         "ddp", description="with several processes: ddp (a full copy of each trained model per device, gradients "
                            "averaged) or fsdp (its weights, gradients and optimizer state sharded across devices)")
@@ -247,6 +258,8 @@ class EvalConfig(Strict):
     ece_bins: int = Field(15, ge=2, le=100)
     output: str | None = Field(None, description="JSON path; default STUDENT/eval.json")
     device: Device = "auto"
+    allow_pickle_weights: bool = Field(False, description="load pytorch_model.bin (pickle, which can run code) "
+                                                          "from a folder without safetensors")
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -268,20 +281,21 @@ def drop_unset(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kept.items() if v != {}}
 
 
-def read_recipe(path: str | Path) -> dict[str, Any]:
+def read_recipe(path: str | Path, what: str = "recipe") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"recipe {path} not found; check the path (shipped recipes are in pipelines/)")
+        hint = "shipped recipes are in pipelines/" if what == "recipe" else "give the YAML file"
+        raise ConfigError(f"{what} {path} not found; check the path ({hint})")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"recipe {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"recipe {path} must be a mapping of config keys, got {type(data).__name__}")
+        raise ConfigError(f"{what} {path} must be a mapping of config keys, got {type(data).__name__}")
     return data
 
 
@@ -305,9 +319,9 @@ def _valid_keys_hint(model: type[BaseModel], loc: tuple) -> str:
     return f"; valid keys: {', '.join(model.model_fields)}"
 
 
-def build_config(cls: type[C], recipe: str | Path | None = None, **flags: Any) -> C:
-    """Defaults < recipe < flags (flags left as None do not override)."""
-    merged = deep_merge(nest_flat_spellings(read_recipe(recipe) if recipe else {}), drop_unset(flags))
+def build_config(cls: type[C], recipe: str | Path | None = None, what: str = "recipe", **flags: Any) -> C:
+    """Defaults < recipe < flags (flags left as None do not override); `what` names the file in errors."""
+    merged = deep_merge(nest_flat_spellings(read_recipe(recipe, what) if recipe else {}), drop_unset(flags))
     try:
         return cls.model_validate(merged)
     except ValidationError as e:
@@ -342,6 +356,7 @@ class ExportConfig(Strict):
     eval_samples: int = Field(512, ge=8, description="eval rows used for agreement and accuracy per variant")
     calib_data: str | None = Field(None, description="int8-static calibration data; default: the student's train data")
     calib_samples: int = Field(128, ge=8)
+    _absolute = field_validator("eval_data", "calib_data")(lambda cls, v: resolvable(v))
     text_columns: list[str] | None = None
     label_column: str = "label"
     max_length: int | None = Field(None, ge=8, description="default: the student's training max_length")
@@ -351,6 +366,8 @@ class ExportConfig(Strict):
     trt_max_batch: int = Field(256, ge=1)
     trt_opt_seq: int = Field(128, ge=1)
     trt_max_seq: int = Field(512, ge=1)
+    allow_pickle_weights: bool = Field(False, description="load pytorch_model.bin (pickle, which can run code) "
+                                                          "from a folder without safetensors")
     overwrite: bool = False
 
     @field_validator("to")
@@ -359,6 +376,8 @@ class ExportConfig(Strict):
         from kdship.exporters import load_all
 
         names = [t.strip() for item in v for t in item.split(",") if t.strip()]
+        if not names:
+            raise ValueError("no export target given; pass e.g. --to onnx (kdship list exporters)")
         unknown = [t for t in names if t not in load_all()]
         if unknown:
             raise ValueError(f"unknown export target {unknown[0]!r}; valid targets: {', '.join(load_all())}")
@@ -380,6 +399,9 @@ class ServeConfig(Strict):
     max_texts: int = Field(64, ge=1, description="most texts in one request")
     max_text_chars: int = Field(10_000, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    allow_pickle_weights: bool = Field(False, description="load pytorch_model.bin (pickle, which can run code) "
+                                                          "from a folder without safetensors")
+    verify: bool = Field(True, description="check the artifact's files against the sha256 in its manifest")
 
 
 class TritonConfig(Strict):
@@ -394,6 +416,7 @@ class TritonConfig(Strict):
     instances: int = Field(1, ge=1)
     queue_delay_us: int = Field(100, ge=0)
     max_length: int | None = Field(None, ge=8, description="tokenizer pads to this; default: the artifact's")
+    verify: bool = Field(True, description="check the artifact's files against the sha256 in its manifest")
     overwrite: bool = False
 
 
@@ -409,7 +432,11 @@ class BenchConfig(Strict):
     min_runs: int = Field(20, ge=3)
     max_seconds: float = Field(10.0, gt=0, description="time bound per measured point")
     settle: float = Field(0.02, gt=0, le=1, description="stop when the p50 moves less than this between rounds")
-    inputs: Literal["real", "random"] = Field("real", description="real eval texts (when known) or random ids")
+    inputs: Literal["auto", "real", "random"] = Field(
+        "auto", description="real eval texts (auto: when the model's record names them, else random ids)")
+    allow_pickle_weights: bool = Field(False, description="load pytorch_model.bin (pickle, which can run code) "
+                                                          "from a folder without safetensors")
+    verify: bool = Field(True, description="check the artifact's files against the sha256 in its manifest")
     output: str | None = None
     overwrite: bool = False
 
@@ -482,6 +509,7 @@ class GateConfig(Strict):
     json_out: str | None = None
     baseline: str | None = None
     update_baseline: bool = False
+    verify: bool = Field(True, description="fail an artifact whose files differ from the sha256 in its manifest")
 
 
 # What a pipeline sets once for all stages (PipelineConfig's own fields), or per stage by name (teacher, data):

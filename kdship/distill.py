@@ -19,7 +19,8 @@ from kdship.loop import LoopState, Step, StepInput, StepResult, TrainingPlan, fi
 from kdship.losses import LossInputs, WeightedLoss, get_loss
 from kdship.models import (build_model, check_tokenizers_match, check_vocab_compatible, config_from_spec,
                            expand_shorthand, init_from_teacher, is_mlm, is_shape_spec, label_names_of, load_config,
-                           load_tokenizer, max_tokens, task_label_names, uniform_layer_map)
+                           load_tokenizer, max_tokens, task_label_names, under_weights_policy,
+                           uniform_layer_map)
 from kdship.run import (RunData, evaluation_for, final_weights, load_run_data, mlm_collator_for, output_record,
                         predict_everywhere, training_run, training_summary, write_model_folder, write_output)
 from kdship.runtime import Runtime
@@ -169,6 +170,7 @@ class DistillRun:
     evaluate: Any  # () -> metrics of every student, or None
 
 
+@under_weights_policy
 def distill(cfg: DistillConfig) -> dict[str, Any]:
     tconfig = _teacher_config(cfg)
     with training_run(cfg) as (runtime, run_dir):

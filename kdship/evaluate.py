@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from kdship.models import under_weights_policy
 from kdship.config import EvalConfig
 from kdship.data import Encoded, iterate_batches
 from kdship.runs import RETRIEVAL_METRICS, headline_metrics
@@ -91,6 +92,7 @@ def compare(student: dict[str, Any], teacher: dict[str, Any], student_logits: to
     }
 
 
+@under_weights_policy
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """`kdship eval`: both models on the same split in one run; writes JSON next to the student (or cfg.output).
     Classifiers and pair-classifying bi-encoders get classification metrics; in-batch bi-encoders retrieval

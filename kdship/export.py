@@ -11,12 +11,13 @@ from typing import Any
 
 import numpy as np
 
+from kdship.models import under_weights_policy
 from kdship.artifacts import RECORD_NAME, atomic_write_json, library_versions, read_record, sha256_file, staged_dir
 from kdship.config import ExportConfig, to_record
 from kdship.data import encode_labels, load_table
 from kdship.errors import CheckFailed, ConfigError, DataError, KdshipError, ModelError
+from kdship.manifest import MANIFEST
 
-MANIFEST = "manifest.json"
 
 
 def _student(cfg: ExportConfig) -> tuple[Any, Any, dict[str, Any]]:
@@ -101,6 +102,7 @@ def _manifest(cfg: ExportConfig, out: Path, order: list, ctx: Any, parity: dict[
             "versions": library_versions()}
 
 
+@under_weights_policy
 def export(cfg: ExportConfig) -> dict[str, Any]:
     from kdship.exporters import ExportContext, build_order
     from kdship.exporters.onnx_export import input_names_for

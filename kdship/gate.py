@@ -70,6 +70,14 @@ def _export_checks(budgets: Budgets, runs: Runs) -> list[Check]:
     return checks
 
 
+def _integrity_checks(runs: Runs) -> list[Check]:
+    """One check per artifact: every file it lists is present and has the sha256 the export recorded."""
+    from kdship.manifest import changed_files, files_in_use
+
+    return [Check.of(f"{Path(folder).name} files changed since export", len(changed_files(
+        Path(folder), manifest, files_in_use(manifest, None))), "<=", 0) for folder, manifest in runs.artifacts.items()]
+
+
 def _point(runs: Runs, budget: SpeedBudget) -> dict[str, Any]:
     for bench in runs.benches.values():
         model = budget.model or bench["results"][-1]["model"]
@@ -144,12 +152,18 @@ def junit_xml(checks: list[Check]) -> str:
 
 
 def gate(cfg: GateConfig) -> dict[str, Any]:
-    budgets = build_config(Budgets, cfg.budgets)
+    budgets = build_config(Budgets, cfg.budgets, what="budgets file")
     runs = collect(cfg.runs)
     checks = (_eval_checks(budgets, runs) + _export_checks(budgets, runs) + _speed_checks(budgets, runs))
+    if checks and cfg.verify:  # an artifact changed after export passes no budget
+        checks = _integrity_checks(runs) + checks
     facts = baseline_facts(runs)
     checks += _baseline_checks(cfg, budgets, facts)
     if not checks and not cfg.update_baseline:
+        if budgets.model_fields_set - {"baseline_tolerance"}:
+            raise ConfigError(f"the budgets in {cfg.budgets} found nothing to check in {', '.join(cfg.runs)}; give "
+                              "the folders they measure (eval.json for accuracy, artifacts for export budgets, a "
+                              "bench folder for speed)")
         raise ConfigError(f"budgets file {cfg.budgets} sets no budget; add e.g. min_accuracy: 0.8")
     result = {"passed": all(c.passed for c in checks), "checks": [asdict(c) for c in checks], "facts": facts}
     if cfg.update_baseline:

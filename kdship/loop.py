@@ -29,7 +29,7 @@ CHECKPOINT_FORMAT = "kdship-checkpoint/2"
 BEST = "best"
 LOG_EVERY = 10  # steps between loss read-outs in the progress line
 # Flags that say how to start a run, not what the run is: they may differ between a run and its resume.
-START_FLAGS = ("resume", "overwrite")
+START_FLAGS = ("resume", "overwrite", "allow_pickle_weights")
 
 
 @dataclass
@@ -146,7 +146,8 @@ class Checkpointer:
     def save(self, plan: TrainingPlan, optimizer: Any, scheduler: Any, state: LoopState) -> None:
         trainees = {t.name: full_state_dict(t.module) for t in plan.trainees}  # gathers FSDP shards: all call it
         optim = _optimizer_state(plan, optimizer)
-        mine = {"rng": _rng_state(), "memory": {k: v.state_dict() for k, v in plan.memory.items()}}
+        mine = {"rng": _rng_state(), "memory": {k: v.state_dict() for k, v in plan.memory.items()},
+                "trainees": {t.name: t.progress_state() for t in plan.trainees}}
         per_process = self.runtime.gather_objects(mine)
         if self.runtime.is_main:
             payload = {"format": CHECKPOINT_FORMAT, "config": self.fingerprint, "processes": self.runtime.world,
@@ -173,6 +174,8 @@ class Checkpointer:
         mine = payload["per_process"][self.runtime.rank]
         for name, module in plan.memory.items():
             module.load_state_dict(mine["memory"][name])
+        for t in plan.trainees:
+            t.load_progress_state(mine["trainees"][t.name])
         _set_rng_state(mine["rng"])
         return LoopState(**payload["state"])
 

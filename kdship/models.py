@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from kdship.errors import ModelError
 
@@ -98,7 +101,10 @@ def _set_ffn(config: Any, value: int | None) -> None:
 
 def _check_exists(source: str, role: str) -> None:
     looks_local = source.startswith((".", "/", "~")) or Path(source).exists() or source.count("/") > 1
-    if looks_local and not Path(source).expanduser().is_dir():
+    path = Path(source).expanduser()
+    if looks_local and path.is_file():
+        raise ModelError(f"{role} {source} is a file; give its save_pretrained folder (with config.json)")
+    if looks_local and not path.is_dir():
         raise ModelError(f"{role} {source} not found; give a save_pretrained folder, a hub id, or a shape spec")
 
 
@@ -117,6 +123,7 @@ def load_config(source: str, role: str) -> Any:
 def load_tokenizer(source: str, role: str) -> Any:
     from transformers import AutoTokenizer
 
+    _check_exists(source, role)
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError) as e:
@@ -150,6 +157,40 @@ def task_label_names(objective: str, config: Any) -> list[str] | None:
     return label_names_of(config) if objective == "classify" else None
 
 
+_PICKLE_WEIGHTS_ALLOWED = contextvars.ContextVar("kdship_pickle_weights_allowed", default=False)
+
+
+@contextlib.contextmanager
+def weights_policy(allow_pickle: bool) -> Iterator[None]:
+    """Within a command: whether weights saved as pickle (pytorch_model.bin) may be loaded. Unpickling runs code
+    the file's author chose, so only safetensors load unless the user passes --allow-pickle-weights."""
+    token = _PICKLE_WEIGHTS_ALLOWED.set(allow_pickle)
+    try:
+        yield
+    finally:
+        _PICKLE_WEIGHTS_ALLOWED.reset(token)
+
+
+def under_weights_policy(command: Callable) -> Callable:
+    """A command function `command(cfg, ...)` run under its config's allow_pickle_weights."""
+    @functools.wraps(command)
+    def run(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+        with weights_policy(cfg.allow_pickle_weights):
+            return command(cfg, *args, **kwargs)
+
+    return run
+
+
+def _weights_kwargs(source: str) -> dict[str, Any]:
+    if _PICKLE_WEIGHTS_ALLOWED.get():
+        return {}
+    folder = Path(source)
+    if folder.is_dir() and not any(folder.glob("*.safetensors")) and any(folder.glob("pytorch_model*.bin")):
+        raise ModelError(f"{source} holds only pickle weights (pytorch_model.bin), which can run code when loaded; "
+                         "convert them to safetensors (save_pretrained) or pass --allow-pickle-weights")
+    return {"use_safetensors": True}
+
+
 def build_model(objective: str, source: str | None = None, config: Any = None, label_names: list[str] | None = None,
                 attn_eager: bool = False, match_loss: str | None = None) -> Any:
     """A classifier (objective 'classify'), masked-LM, or bi-encoder ('match', see kdship.biencoder) from a
@@ -161,13 +202,15 @@ def build_model(objective: str, source: str | None = None, config: Any = None, l
 
     auto = AutoModelForSequenceClassification if objective == "classify" else AutoModelForMaskedLM
     kwargs: dict[str, Any] = {"attn_implementation": "eager"} if attn_eager else {}
+    if source is not None:
+        kwargs |= _weights_kwargs(source)
     try:
         if objective == "match":
             return build_biencoder(source, config, label_names, kwargs, keep_head=match_loss != "in_batch")
         if label_names is not None:
             kwargs |= {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
                        "label2id": {n: i for i, n in enumerate(label_names)}}
-        if source is None:
+        if source is None:  # (no weights kwargs without a source)
             for key, value in kwargs.items():
                 setattr(config, "_attn_implementation" if key == "attn_implementation" else key, value)
             model = auto.from_config(config)
@@ -181,6 +224,11 @@ def build_model(objective: str, source: str | None = None, config: Any = None, l
     except OSError as e:  # a folder with config.json but no (or unreadable) weights
         first = str(e).strip().splitlines()[0]
         raise ModelError(f"{source}: weights could not be loaded ({first}); check the folder holds model.safetensors")
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ModelError(f"{source}: model.safetensors is damaged or truncated ({str(e).splitlines()[0][:120]}); "
+                         "copy it again or re-create the model") from None
     except ValueError as e:
         first = str(e).strip().splitlines()[0]
         raise ModelError(f"{source or config.model_type}: cannot build a {objective} model ({first}); "

@@ -10,6 +10,7 @@ from typing import Any
 
 from kdship.artifacts import RECORD_NAME
 from kdship.errors import DataError
+from kdship.manifest import MANIFEST, read_manifest
 
 FILES = (RECORD_NAME, "eval.json", "manifest.json", "bench.json")
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "ece")
@@ -57,7 +58,7 @@ def collect(paths: list[str]) -> Runs:
             is_artifact = (folder / "manifest.json").exists()
             for name in FILES:
                 if (folder / name).exists() and not (is_artifact and name == RECORD_NAME):  # a copy of the student's
-                    slots[name][str(folder)] = _read(folder / name)
+                    slots[name][str(folder)] = read_manifest(folder) if name == MANIFEST else _read(folder / name)
     if not any((runs.models, runs.evals, runs.artifacts, runs.benches)):
         raise DataError(f"no kdship outputs (kdship.json, eval.json, manifest.json, bench.json) in {', '.join(paths)}")
     return runs

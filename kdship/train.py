@@ -11,7 +11,8 @@ from torch import nn
 from kdship.config import TrainConfig, to_record
 from kdship.errors import ModelError
 from kdship.loop import StepInput, StepResult, TrainingPlan, fit, total_steps_for
-from kdship.models import build_model, config_from_spec, load_config, load_tokenizer, max_tokens, task_label_names
+from kdship.models import (build_model, config_from_spec, load_config, load_tokenizer, max_tokens, task_label_names,
+                           under_weights_policy)
 from kdship.run import RunData, evaluation_for, load_run_data, mlm_collator_for, training_run, training_summary, \
     write_output
 from kdship.runtime import Runtime
@@ -22,14 +23,15 @@ from kdship.tokenizer import train_wordpiece
 from kdship.trainee import Trainee
 
 
+@under_weights_policy
 def train(cfg: TrainConfig) -> dict[str, Any]:
     with training_run(cfg) as (runtime, run_dir):
         return _train(cfg, runtime, run_dir)
 
 
 def _train(cfg: TrainConfig, runtime: Runtime, run_dir: Path) -> dict[str, Any]:
-    tokenizer = _tokenizer_for(cfg, run_dir, runtime)
     source_config = load_config(cfg.model, "model") if cfg.model else config_from_spec(cfg.init)
+    tokenizer = _tokenizer_for(cfg, run_dir, runtime)
     data = load_run_data(cfg, tokenizer, task_label_names(cfg.objective, source_config),
                          max_tokens(cfg.data.max_length, source_config))
     model = _build_train_model(cfg, tokenizer, data, source_config)

@@ -136,6 +136,15 @@ class Trainee:
     def __call__(self, inputs: dict[str, Tensor], outputs: frozenset[str] = frozenset()) -> tuple[Any, dict[str, Any]]:
         return self.module(inputs, outputs)
 
+    def progress_state(self) -> dict[str, Any]:
+        """What a resumed run needs to report on the whole run, not its resumed part: the first losses and the
+        forward time so far."""
+        return {"first_losses": [float(x) for x in self.trace.first], "forward_seconds": self.timer.total()}
+
+    def load_progress_state(self, state: dict[str, Any]) -> None:
+        self.trace.first = [torch.tensor(x) for x in state["first_losses"]]
+        self.timer.seconds = state["forward_seconds"]
+
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 

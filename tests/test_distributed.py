@@ -118,6 +118,8 @@ def test_a_two_process_run_killed_with_sigkill_resumes_to_the_uninterrupted_weig
     assert all(torch.equal(a[k], b[k]) for k in a)
     straight, resumed = record(tmp_path / "straight"), record(tmp_path / "killed")
     assert resumed["history"] == straight["history"] and resumed["training"]["samples_seen"] == steps * 16
+    # the record speaks of the whole run, not of its resumed part
+    assert resumed["training"]["loss_first"] == straight["training"]["loss_first"]
 
 
 def test_fsdp_gives_the_losses_of_ddp_for_a_trained_model_and_for_the_teacher(teacher_dir, data_dir, tmp_path):

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from kdship.manifest import read_manifest
+from kdship.manifest import verify as verify_manifest
 from kdship.errors import ConfigError, ModelError
 
 Runner = Callable[[dict[str, Any]], Any]
@@ -58,13 +60,9 @@ def get_backend(name: str) -> Backend:
     return backend
 
 
-def read_manifest(folder: Path) -> dict[str, Any] | None:
-    path = Path(folder) / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def model_file(folder: Path, backend: Backend, variant: str | None) -> Path:
-    """The file (or, for PyTorch backends, the folder) the backend should load from an artifact or model folder."""
+def model_file(folder: Path, backend: Backend, variant: str | None, verify: bool = True) -> Path:
+    """The file (or, for PyTorch backends, the folder) the backend should load from an artifact or model folder;
+    an artifact's files are checked against its manifest first (unless verify is False)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelError(f"{folder} not found; give an artifact folder (kdship export) or a model folder")
@@ -92,4 +90,7 @@ def model_file(folder: Path, backend: Backend, variant: str | None) -> Path:
     if not wanted:
         raise ModelError(f"{folder} has no variant that backend {backend.name!r} runs ({', '.join(backend.variants)}); "
                          f"export one with kdship export --to {backend.variants[0]}")
-    return folder / exported[wanted[0]]["file"]
+    file = exported[wanted[0]]["file"]
+    if verify:
+        verify_manifest(folder, manifest, file)
+    return folder / file

@@ -14,7 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kdship.models import under_weights_policy
 from kdship.config import ServeConfig
 from kdship.serve.batcher import DynamicBatcher
 from kdship.serve.model import ServedModel
@@ -57,9 +59,31 @@ async def _read_bounded(request: Request, limit: int) -> bytes:
     return body
 
 
+MAX_JSON_DEPTH = 32  # a request is {"texts": [...]}: depth 2; deeper nesting is refused before it is parsed
+
+
+def json_depth(body: bytes) -> int:
+    """The deepest nesting of arrays and objects in a JSON text (brackets inside strings do not count)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (byte == 0x5C, byte != 0x22)
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
 def parse_classify(body: bytes, content_type: str, cfg: ServeConfig) -> list[str]:
     if content_type.split(";")[0].strip().lower() != "application/json":
         raise HttpError(415, f"content type must be application/json, got {content_type or 'none'!r}")
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise HttpError(400, f"JSON nested more than {MAX_JSON_DEPTH} levels deep; send {{\"texts\": [\"...\"]}}")
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -77,6 +101,11 @@ def parse_classify(body: bytes, content_type: str, cfg: ServeConfig) -> list[str
         raise HttpError(413, f"texts.{too_long} has {len(texts[too_long])} characters; the limit is "
                              f"{cfg.max_text_chars}")
     return texts
+
+
+def error_response(code: int, message: str) -> JSONResponse:
+    """The one error shape of every endpoint."""
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=code)
 
 
 def create_app(model: ServedModel, cfg: ServeConfig) -> FastAPI:
@@ -98,10 +127,18 @@ def create_app(model: ServedModel, cfg: ServeConfig) -> FastAPI:
 
     app = FastAPI(title=f"kdship: {model.name}", lifespan=lifespan)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):  # 404, 405: kdship's error shape too
+        return error_response(e.status_code, f"{request.method} {request.url.path}: {e.detail}; the API is "
+                                             f"{', '.join(sorted(KNOWN_PATHS))}")
+
     @app.middleware("http")
     async def count(request: Request, call_next):
         started = time.perf_counter()
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as e:  # a bug, not the request: still JSON, still counted, and the server keeps serving
+            response = error_response(500, f"internal error: {type(e).__name__}")
         endpoint = request.url.path if request.url.path in KNOWN_PATHS else "other"
         metrics["requests"].labels(endpoint, str(response.status_code)).inc()
         metrics["latency"].labels(endpoint).observe(time.perf_counter() - started)
@@ -113,7 +150,7 @@ def create_app(model: ServedModel, cfg: ServeConfig) -> FastAPI:
             texts = parse_classify(await _read_bounded(request, cfg.max_body_bytes),
                                    request.headers.get("content-type", ""), cfg)
         except HttpError as e:
-            return JSONResponse({"error": {"code": e.code, "message": str(e)}}, status_code=e.code)
+            return error_response(e.code, str(e))
         try:
             if cfg.batching:
                 predictions = await batcher.submit(texts)
@@ -123,7 +160,7 @@ def create_app(model: ServedModel, cfg: ServeConfig) -> FastAPI:
                 predictions = await asyncio.get_running_loop().run_in_executor(model_thread, model.predict, texts)
                 metrics["batch"].observe(len(texts))
         except Exception as e:  # the model failed, not the request: say so in JSON, and keep serving
-            return JSONResponse({"error": {"code": 500, "message": f"model failed: {e}"}}, status_code=500)
+            return error_response(500, f"model failed: {e}")
         metrics["texts"].inc(len(texts))
         return {"model": model.name, "predictions": predictions}
 
@@ -152,6 +189,7 @@ KNOWN_PATHS = {"/v1/classify", "/health", "/metrics", "/v1/model"}
 
 def _check_port_free(host: str, port: int) -> int:
     """The port to serve on: `port` if it is free, or a free one picked now when port is 0 (so it can be printed)."""
+    import errno
     import socket
 
     from kdship.errors import KdshipError
@@ -159,18 +197,25 @@ def _check_port_free(host: str, port: int) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         try:
             s.bind((host, port))
+        except socket.gaierror:
+            raise KdshipError(f"--host {host!r} is not an address or a known host name; pass e.g. 127.0.0.1 or "
+                              "0.0.0.0") from None
         except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise KdshipError(f"--host {host} is not an address of this machine; pass 127.0.0.1, 0.0.0.0 or one "
+                                  "of its own addresses") from None
             raise KdshipError(f"cannot listen on {host}:{port} ({e.strerror}); pass another --port") from None
         return s.getsockname()[1]
 
 
+@under_weights_policy
 def serve(cfg: ServeConfig) -> None:
     """Load the artifact and serve it until SIGINT/SIGTERM (in-flight requests are finished first)."""
     import uvicorn
 
     from kdship.serve.model import load_served_model
 
-    model = load_served_model(cfg.artifact, cfg.backend, cfg.variant, cfg.threads)
+    model = load_served_model(cfg.artifact, cfg.backend, cfg.variant, cfg.threads, cfg.verify)
     port = _check_port_free(cfg.host, cfg.port)
     app = create_app(model, cfg)
     print(f"serving {model.name} ({model.file.name}, {cfg.backend}) on http://{cfg.host}:{port}", flush=True)

@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from kdship.backends import get_backend, model_file, read_manifest
+from kdship.backends import get_backend, model_file
+from kdship.manifest import read_manifest
 from kdship.errors import ModelError
 
 
@@ -37,7 +38,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def load_served_model(folder: str | Path, backend: str, variant: str | None = None,
-                      threads: int | None = None) -> ServedModel:
+                      threads: int | None = None, verify: bool = True) -> ServedModel:
     """An artifact made by `kdship export` (or, for the torch backends, a model folder)."""
     from transformers import AutoConfig
 
@@ -46,7 +47,7 @@ def load_served_model(folder: str | Path, backend: str, variant: str | None = No
 
     folder = Path(folder)
     chosen = get_backend(backend)
-    path = model_file(folder, chosen, variant)
+    path = model_file(folder, chosen, variant, verify)
     manifest = read_manifest(folder) or {}
     config = AutoConfig.from_pretrained(folder)
     if not config.id2label:

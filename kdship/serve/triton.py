@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from kdship.artifacts import atomic_write_text, staged_dir
-from kdship.backends import read_manifest
+from kdship.manifest import read_manifest
+from kdship.manifest import verify as verify_manifest
 from kdship.config import TritonConfig
 from kdship.errors import ConfigError, ModelError
 
@@ -134,6 +135,8 @@ def deploy_triton(cfg: TritonConfig) -> dict[str, Any]:
     variant_name = _pick_variant(manifest, cfg)
     variant = manifest["variants"][variant_name]
     source = artifact / variant["file"]
+    if cfg.verify:
+        verify_manifest(artifact, manifest, variant["file"])
     input_names = list(variant["inputs"])
     num_labels = len(json.loads((artifact / "config.json").read_text())["id2label"])
     max_length = cfg.max_length or manifest.get("max_length") or 128
