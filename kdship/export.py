@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from kdship.models import under_weights_policy
-from kdship.artifacts import RECORD_NAME, atomic_write_json, library_versions, read_record, sha256_file, staged_dir
+from kdship.artifacts import (RECORD_NAME, atomic_write_json, check_output_dir, library_versions, read_record,
+                              sha256_file, staged_dir)
 from kdship.config import ExportConfig, to_record
 from kdship.data import encode_labels, load_table
 from kdship.errors import CheckFailed, ConfigError, DataError, KdshipError, ModelError
@@ -110,6 +111,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
 
     if not cfg.output:
         raise ConfigError("no output folder; pass -o DIR")
+    check_output_dir(Path(cfg.output), cfg.overwrite)  # before anything is loaded: the first problem is said first
     order = build_order(cfg.to)
     model, tokenizer, record = _student(cfg)
     from kdship.models import max_tokens

@@ -166,3 +166,24 @@ def test_outputs_honour_the_umask(teacher_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert stat.S_IMODE((tmp_path / "art").stat().st_mode) == 0o755
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in (tmp_path / "art").iterdir() if p.is_file())
+
+
+def test_records_hold_paths_that_work_from_another_folder(teacher_dir, data_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    for split in ("train", "dev"):
+        shutil.copy(data_dir / f"{split}.tsv", run / "data" / f"{split}.tsv")
+    monkeypatch.chdir(run)
+    assert kdship("distill", "--teacher", teacher_dir, "--student", "bert:layers=1", "--data", "data/train.tsv",
+                  "--eval-data", "data/dev.tsv", "--max-steps", 2, "-o", "student").exit_code == 0
+    record = json.loads((run / "student" / "kdship.json").read_text())
+    assert record["data"]["eval"]["source"] == str(run / "data" / "dev.tsv") == record["config"]["data"]["eval"]
+    monkeypatch.chdir(tmp_path)  # elsewhere: export finds the eval data named in the record
+    assert kdship("export", run / "student", "-o", "artifact").exit_code == 0
+    again = kdship("export", run / "student", "-o", "artifact")  # the first problem is the one said
+    assert again.exit_code == 2 and "already exists" in again.stderr
+    bench = kdship("bench", "artifact", "--batch", "1", "--seq", "8", "--inputs", "real", "--max-seconds", "1",
+                   "--min-runs", "3", "-o", "bench")
+    assert bench.exit_code == 0, bench.output
+    rows = json.loads((tmp_path / "bench" / "bench.json").read_text())["results"]
+    assert {r["inputs"] for r in rows} == {"real"}
