@@ -5,6 +5,7 @@ CPU, threads, versions, every figure) and bench.csv."""
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import os
 import platform
@@ -14,12 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from kdship.models import under_weights_policy
 from kdship.artifacts import atomic_write_json, atomic_write_text, library_versions, read_record, staged_dir
 from kdship.backends import BACKENDS, get_backend, model_file
 from kdship.manifest import read_manifest
 from kdship.config import BenchConfig, to_record
 from kdship.errors import ConfigError, DataError, ModelError
+from kdship.measure import instability, interleaved, ratio_interval
+from kdship.models import under_weights_policy
 
 
 def cpu_name() -> str:
@@ -54,33 +56,6 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
     ms = np.asarray(seconds) * 1000
     return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "min_ms": float(ms.min())}
-
-
-def measure(run: Any, feeds: dict[str, np.ndarray], cfg: BenchConfig) -> dict[str, Any]:
-    """Warm up, then time runs in rounds of min_runs until the p50 settles or the time bound is reached. Every
-    backend's runner returns host arrays, so a timed call ends when the device has finished: no extra sync."""
-    started = time.perf_counter()
-    warm = 0
-    while warm < 3 or time.perf_counter() - started < cfg.warmup_s:
-        run(feeds)
-        warm += 1
-    times: list[float] = []
-    previous_p50 = None
-    deadline = time.perf_counter() + cfg.max_seconds
-    while True:
-        for _ in range(cfg.min_runs):
-            t0 = time.perf_counter()
-            run(feeds)
-            times.append(time.perf_counter() - t0)
-        p50 = float(np.median(times))
-        settled = previous_p50 is not None and abs(p50 - previous_p50) <= cfg.settle * previous_p50
-        if settled or time.perf_counter() > deadline:
-            break
-        previous_p50 = p50
-    batch, seq = feeds["input_ids"].shape
-    stats = percentiles(times)
-    return {**stats, "runs": len(times), "settled": settled, "warmup_runs": warm,
-            "sequences_per_s": batch / (stats["mean_ms"] / 1000), "tokens_per_s": batch * seq / (stats["mean_ms"] / 1000)}
 
 
 class Inputs:
@@ -158,19 +133,49 @@ def model_inputs(folder: Path, cfg: BenchConfig) -> Inputs:
     return Inputs(folder, names, config.vocab_size, cfg.inputs)
 
 
-def bench_model(folder: Path, backend_name: str, path: Path, inputs: Inputs, cfg: BenchConfig) -> list[dict[str, Any]]:
+def measure_point(runners: dict[str, Any], feeds: dict[str, dict[str, np.ndarray]], cfg: BenchConfig,
+                  baseline: str) -> dict[str, dict[str, Any]]:
+    """Every model of one (backend, batch, seq) point, timed in interleaved rounds: each model's latencies, its
+    throughput from the median round, and its speedup over the baseline as the median of per-round ratios with a
+    95% interval. Every runner returns host arrays, so a timed call ends when the device has finished."""
+    calls = {name: functools.partial(run, feeds[name]) for name, run in runners.items()}
+    timings = interleaved(calls, cfg.min_runs, cfg.min_rounds, cfg.max_seconds, cfg.warmup_s, cfg.settle)
+    batch, seq = next(iter(feeds.values()))["input_ids"].shape
+    base = timings[baseline].round_medians if baseline in timings else None
+    figures = {}
+    for name, t in timings.items():
+        ratio = ratio_interval(base, t.round_medians) if base is not None else None
+        reasons = instability(ratio or (1.0, 1.0, 1.0), t.round_medians)
+        per_call = float(np.median(t.round_medians))
+        figures[name] = {**percentiles(list(t.calls)), "runs": len(t.calls), "rounds": len(t.rounds),
+                         "round_medians_ms": [round(float(m) * 1000, 4) for m in t.round_medians],
+                         "sequences_per_s": batch / per_call, "tokens_per_s": batch * seq / per_call,
+                         "speedup_vs_baseline": ratio[0] if ratio else None,
+                         "speedup_ci95": [ratio[1], ratio[2]] if ratio else None,
+                         "stable": not reasons, "unstable_reasons": reasons}
+    return figures
+
+
+def bench_backend(backend_name: str, models: list[tuple[Path, Path]], inputs: dict[Path, "Inputs"],
+                  cfg: BenchConfig, baseline: str) -> list[dict[str, Any]]:
+    """One backend: every model loaded, then each point measured with all of them side by side."""
     backend = get_backend(backend_name)
     _reset_gpu_peak()
-    before = rss_mb()
-    run = backend.load(path, cfg.threads)
+    runners, loaded_mb = {}, {}
+    for folder, path in models:
+        before = rss_mb()
+        runners[folder.name] = backend.load(path, cfg.threads)
+        loaded_mb[folder.name] = rss_mb() - before
     rows = []
     for seq in cfg.seq:
         for batch in cfg.batch:
-            result = measure(run, inputs.feeds(batch, seq), cfg)
-            rows.append({"model": folder.name, "path": str(folder), "backend": backend_name, "file": path.name,
-                         "batch": batch, "seq": seq, "inputs": "real" if inputs.real is not None else "random",
-                         **result, "rss_mb": rss_mb(), "rss_model_mb": rss_mb() - before,
-                         "gpu_allocated_mb": _gpu_allocated_mb()})
+            feeds = {folder.name: inputs[folder].feeds(batch, seq) for folder, _ in models}
+            figures = measure_point(runners, feeds, cfg, baseline)
+            for folder, path in models:
+                rows.append({"model": folder.name, "path": str(folder), "backend": backend_name, "file": path.name,
+                             "batch": batch, "seq": seq, "inputs": "real" if inputs[folder].real is not None else
+                             "random", **figures[folder.name], "rss_mb": rss_mb(),
+                             "rss_model_mb": loaded_mb[folder.name], "gpu_allocated_mb": _gpu_allocated_mb()})
     return rows
 
 
@@ -185,14 +190,6 @@ def _gpu_allocated_mb() -> float | None:
     import torch
 
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-
-
-def add_speedups(rows: list[dict[str, Any]], baseline: str) -> None:
-    """Each row's throughput relative to the baseline model at the same backend, batch and sequence."""
-    base = {(r["backend"], r["batch"], r["seq"]): r for r in rows if r["model"] == baseline}
-    for r in rows:
-        ref = base.get((r["backend"], r["batch"], r["seq"]))
-        r["speedup_vs_baseline"] = r["sequences_per_s"] / ref["sequences_per_s"] if ref else None
 
 
 def model_facts(folder: Path) -> dict[str, Any]:
@@ -232,13 +229,19 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
         from kdship.artifacts import check_output_dir
 
         check_output_dir(Path(cfg.output), cfg.overwrite)
-    plan = [(folder, backend, resolve(folder, backend, cfg.seq, cfg.verify)) for folder in folders for backend in cfg.backends]
+    plan = {backend: [(folder, resolve(folder, backend, cfg.seq, cfg.verify)) for folder in folders]
+            for backend in cfg.backends}  # every (model, backend) checked before anything is measured
     inputs = {folder: model_inputs(folder, cfg) for folder in folders}
-    rows = [row for folder, backend, path in plan for row in bench_model(folder, backend, path, inputs[folder], cfg)]
-    add_speedups(rows, folders[0].name)
-    result = {"kind": "kdship-bench/1", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              **device_info(cfg.threads), "versions": library_versions(), "config": to_record(cfg),
-              "baseline": folders[0].name, "models": [model_facts(f) for f in folders], "results": rows}
+    if cfg.cpus:
+        os.sched_setaffinity(0, cfg.cpus)
+    load_before = os.getloadavg()
+    rows = [row for backend, models in plan.items() for row in bench_backend(backend, models, inputs, cfg,
+                                                                              folders[0].name)]
+    result = {"kind": "kdship-bench/2", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              **device_info(cfg.threads), "cpu_affinity": sorted(os.sched_getaffinity(0)),
+              "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
+              "versions": library_versions(), "config": to_record(cfg), "baseline": folders[0].name,
+              "models": [model_facts(f) for f in folders], "results": rows}
     if cfg.output:
         with staged_dir(Path(cfg.output), cfg.overwrite) as out:
             atomic_write_json(out / "bench.json", result)
@@ -254,18 +257,20 @@ def print_bench(result: dict[str, Any]) -> None:
 
     title = f"kdship bench on {result['device']} ({result['threads']} threads); speedup vs {result['baseline']}"
     table = Table(title=title)
-    for col in ("model", "backend", "batch", "seq", "p50 ms", "p90 ms", "p99 ms", "mean ms", "min ms", "seq/s",
-                "tokens/s", "speedup", "runs"):
+    for col in ("model", "backend", "batch", "seq", "p50 ms", "p90 ms", "p99 ms", "min ms", "seq/s", "tokens/s",
+                "speedup (95% interval)", "rounds"):
         table.add_column(col, justify="left" if col in ("model", "backend") else "right")
     for r in result["results"]:
-        speedup = f"{r['speedup_vs_baseline']:.2f}x" if r["speedup_vs_baseline"] else ""
+        speedup = (f"{r['speedup_vs_baseline']:.2f}x ({r['speedup_ci95'][0]:.2f}-{r['speedup_ci95'][1]:.2f})"
+                   if r["speedup_vs_baseline"] else "")
         table.add_row(r["model"], r["backend"], str(r["batch"]), str(r["seq"]), f"{r['p50_ms']:.3f}",
-                      f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['mean_ms']:.3f}", f"{r['min_ms']:.3f}",
-                      f"{r['sequences_per_s']:.1f}", f"{r['tokens_per_s']:.0f}", speedup,
-                      f"{r['runs']}{'' if r['settled'] else '*'}")
+                      f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['min_ms']:.3f}", f"{r['sequences_per_s']:.1f}",
+                      f"{r['tokens_per_s']:.0f}", speedup + ("" if r["stable"] else " unstable"), str(r["rounds"]))
     out = console()
     out.print(table)
-    if not all(r["settled"] for r in result["results"]):
-        out.print("* p50 had not settled within --max-seconds; treat those figures with care")
+    unstable = [r for r in result["results"] if not r["stable"]]
+    if unstable:
+        out.print(f"unstable ({len(unstable)} rows): {unstable[0]['unstable_reasons'][0]}, ...; the machine was busy "
+                  "or the point too short: rerun with a longer --max-seconds, or on a quieter machine")
     if result.get("output"):
         out.print(f"wrote {result['output']}/bench.json and bench.csv")

@@ -328,8 +328,10 @@ def bench(
     batch: Annotated[Optional[str], typer.Option("--batch", help="e.g. 1,8,64,256")] = None,
     seq: Annotated[Optional[str], typer.Option("--seq", help="e.g. 32,128,512")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads")] = None,
+    cpus: Annotated[Optional[str], typer.Option("--cpus", help="pin to these cores, e.g. 0,1")] = None,
     warmup_s: Annotated[Optional[float], typer.Option("--warmup-s")] = None,
-    min_runs: Annotated[Optional[int], typer.Option("--min-runs")] = None,
+    min_runs: Annotated[Optional[int], typer.Option("--min-runs", help="timed calls per model per round")] = None,
+    min_rounds: Annotated[Optional[int], typer.Option("--min-rounds", help="interleaved rounds at least")] = None,
     max_seconds: Annotated[Optional[float], typer.Option("--max-seconds", help="time bound per point")] = None,
     inputs: Annotated[Optional[str], typer.Option("--inputs", help="auto (real when known) | real | random")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="folder for bench.json/csv")] = None,
@@ -343,7 +345,8 @@ def bench(
 
     backends = [b.strip() for item in backend for b in item.split(",") if b.strip()] if backend else None
     print_bench(run(build_config(BenchConfig, recipe, models=models, backends=backends, batch=_ints(batch),
-                                 seq=_ints(seq), threads=threads, warmup_s=warmup_s, min_runs=min_runs,
+                                 seq=_ints(seq), threads=threads, cpus=_ints(cpus), warmup_s=warmup_s,
+                                 min_runs=min_runs, min_rounds=min_rounds,
                                  max_seconds=max_seconds, inputs=inputs, output=output, overwrite=overwrite,
                                  verify=verify, allow_pickle_weights=allow_pickle_weights)))
 
@@ -371,6 +374,8 @@ def gate(
     baseline: Annotated[Optional[str], typer.Option("--baseline", help="committed baseline JSON to compare")] = None,
     update_baseline: Annotated[Optional[bool], typer.Option("--update-baseline", help="write --baseline anew")] = None,
     verify: Verify = None,
+    allow_unstable: Annotated[Optional[bool], typer.Option("--allow-unstable", help="let speed budgets pass on "
+                                                           "measurements the bench marked unstable")] = None,
 ) -> None:
     """Check accuracy and speed budgets: exit 0 when all hold, 1 when any fails, 2 on bad input."""
     from kdship.config import GateConfig, build_config
@@ -378,7 +383,8 @@ def gate(
     from kdship.gate import print_gate, raise_if_failed
 
     result = run(build_config(GateConfig, budgets=budgets, runs=runs, junit=junit, json_out=json_out,
-                              baseline=baseline, update_baseline=update_baseline, verify=verify))
+                              baseline=baseline, update_baseline=update_baseline, verify=verify,
+                              allow_unstable=allow_unstable))
     print_gate(result)
     raise_if_failed(result)
 

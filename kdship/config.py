@@ -428,10 +428,13 @@ class BenchConfig(Strict):
     batch: list[int] = Field(default_factory=lambda: [1, 8, 64])
     seq: list[int] = Field(default_factory=lambda: [32, 128])
     threads: int | None = Field(None, ge=1, description="CPU threads (default: all)")
+    cpus: list[int] | None = Field(None, description="pin the benchmark to these CPU cores (default: as started)")
     warmup_s: float = Field(1.0, ge=0)
-    min_runs: int = Field(20, ge=3)
-    max_seconds: float = Field(10.0, gt=0, description="time bound per measured point")
-    settle: float = Field(0.02, gt=0, le=1, description="stop when the p50 moves less than this between rounds")
+    min_runs: int = Field(20, ge=3, description="timed calls per model in each interleaved round")
+    min_rounds: int = Field(6, ge=3, description="interleaved rounds at least (A B, B A, ...)")
+    max_seconds: float = Field(10.0, gt=0, description="time bound per measured point (all models together)")
+    settle: float = Field(0.03, gt=0, le=1, description="stop once every speedup's 95% interval is within "
+                                                        "±settle of it")
     inputs: Literal["auto", "real", "random"] = Field(
         "auto", description="real eval texts (auto: when the model's record names them, else random ids)")
     allow_pickle_weights: bool = Field(False, description="load pytorch_model.bin (pickle, which can run code) "
@@ -510,6 +513,7 @@ class GateConfig(Strict):
     baseline: str | None = None
     update_baseline: bool = False
     verify: bool = Field(True, description="fail an artifact whose files differ from the sha256 in its manifest")
+    allow_unstable: bool = Field(False, description="let speed budgets pass on measurements marked unstable")
 
 
 # What a pipeline sets once for all stages (PipelineConfig's own fields), or per stage by name (teacher, data):

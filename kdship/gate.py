@@ -90,19 +90,23 @@ def _point(runs: Runs, budget: SpeedBudget) -> dict[str, Any]:
                       f"seq {budget.seq}; measured points: {have[:6]}{' ...' if len(have) > 6 else ''}")
 
 
-def _speed_checks(budgets: Budgets, runs: Runs) -> list[Check]:
+def _speed_checks(budgets: Budgets, runs: Runs, allow_unstable: bool = False) -> list[Check]:
     if budgets.speed and not runs.benches:
         raise ConfigError("speed budgets need a bench folder (kdship bench -o DIR) among the run folders")
     checks = []
     for b in budgets.speed:
         row = _point(runs, b)
         where = f"{row['model']} {b.backend} b{b.batch} s{b.seq}"
+        trusted = row.get("stable", True) or allow_unstable
+        if not trusted:  # a noisy measurement passes no speed budget: it would pass or fail by chance
+            where += f" [unstable: {'; '.join(row['unstable_reasons'])}; rerun the bench or pass --allow-unstable]"
         for field, key, op in (("max_p99_ms", "p99_ms", "<="), ("max_p50_ms", "p50_ms", "<="),
                                ("min_sequences_per_s", "sequences_per_s", ">="),
                                ("min_speedup", "speedup_vs_baseline", ">=")):
             limit = getattr(b, field)
             if limit is not None:
-                checks.append(Check.of(f"{where} {key}", row[key] or 0.0, op, limit))
+                check = Check.of(f"{where} {key}", row[key] or 0.0, op, limit)
+                checks.append(check if trusted else Check(check.name, check.measured, limit, op, False))
     return checks
 
 
@@ -154,7 +158,7 @@ def junit_xml(checks: list[Check]) -> str:
 def gate(cfg: GateConfig) -> dict[str, Any]:
     budgets = build_config(Budgets, cfg.budgets, what="budgets file")
     runs = collect(cfg.runs)
-    checks = (_eval_checks(budgets, runs) + _export_checks(budgets, runs) + _speed_checks(budgets, runs))
+    checks = (_eval_checks(budgets, runs) + _export_checks(budgets, runs) + _speed_checks(budgets, runs, cfg.allow_unstable))
     if checks and cfg.verify:  # an artifact changed after export passes no budget
         checks = _integrity_checks(runs) + checks
     facts = baseline_facts(runs)

@@ -153,12 +153,21 @@ def parity_table(folder: str, manifest: dict[str, Any]) -> tuple[str, list[str],
     return f"Export parity: {Path(folder).name}", header, rows
 
 
+def _speedup(r: dict[str, Any]) -> str:
+    if not r["speedup_vs_baseline"]:
+        return ""
+    low, high = r.get("speedup_ci95") or (r["speedup_vs_baseline"],) * 2
+    return f"{r['speedup_vs_baseline']:.2f}x ({low:.2f}-{high:.2f})"
+
+
 def bench_table(bench: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:
     rows = [[r["model"], r["backend"], str(r["batch"]), str(r["seq"]), f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
-             f"{r['sequences_per_s']:.1f}", f"{r['speedup_vs_baseline']:.2f}x" if r["speedup_vs_baseline"] else ""]
+             f"{r['sequences_per_s']:.1f}", _speedup(r),
+             "yes" if r.get("stable", True) else "no: " + "; ".join(r.get("unstable_reasons", []))]
             for r in bench["results"]]
     title = f"Latency and throughput on {bench['device']} ({bench['threads']} threads), speedup vs {bench['baseline']}"
-    return title, ["model", "backend", "batch", "seq", "p50 ms", "p99 ms", "seq/s", "speedup"], rows
+    return title, ["model", "backend", "batch", "seq", "p50 ms", "p99 ms", "seq/s", "speedup (95% interval)",
+                   "stable"], rows
 
 
 def model_table(runs: Runs) -> tuple[str, list[str], list[list[str]]]:

@@ -9,6 +9,7 @@ files) is asked of `runtime.is_main`; what all must do together (gather, save a 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import random
@@ -169,7 +170,16 @@ def start_runtime(device: str, precision: str) -> Runtime:
     AcceleratorState._reset_state(reset_partial_state=not launched_distributed())
     mixed = "bf16" if uses_bf16(torch.device("cpu" if cpu else "cuda"), precision) else "no"
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=[DistributedDataParallelKwargs()])
+    if launched_distributed():
+        atexit.register(_close_process_group)
     return Runtime(accelerator, precision)
+
+
+def _close_process_group() -> None:
+    """At exit, before the interpreter tears down: a process group left open aborts the process ("terminate called
+    without an active exception") when its communication threads are destroyed with it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -15,7 +15,7 @@ from conftest import kdship, kdship_ok
 
 ROW_FIELDS = {"model", "backend", "batch", "seq", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "runs",
               "sequences_per_s", "tokens_per_s", "speedup_vs_baseline", "rss_mb", "rss_model_mb", "gpu_allocated_mb",
-              "settled", "file"}
+              "stable", "unstable_reasons", "speedup_ci95", "rounds", "round_medians_ms", "file"}
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,10 @@ def test_bench_writes_every_field_for_torch_and_ort_cpu(runs):
     assert all(r["tokens_per_s"] == pytest.approx(r["sequences_per_s"] * 16) for r in rows)
     baseline = [r for r in rows if r["model"] == bench["baseline"]]
     assert all(r["speedup_vs_baseline"] == pytest.approx(1.0) for r in baseline)
+    # interleaved: every model of a point ran the same number of rounds, the interval holds the median
+    assert all(r["rounds"] >= 6 and len(r["round_medians_ms"]) == r["rounds"] for r in rows)
+    assert all(r["speedup_ci95"][0] <= r["speedup_vs_baseline"] <= r["speedup_ci95"][1] for r in rows)
+    assert {"before", "after"} == set(bench["load_average"]) and bench["cpu_affinity"]
     csv_lines = (runs / "bench" / "bench.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + len(rows) and "p99_ms" in csv_lines[0]
 
