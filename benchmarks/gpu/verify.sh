@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The GPU verification of kdship in one call, under 8 minutes on an H100/H200: environment and missing extras,
+# the GPU-guarded tests, export of a BERT-base-shape teacher and a 4L-312 student to every GPU variant (each
+# checked against PyTorch), the bench of both on every GPU backend, and a short distillation throughput run.
+# One JSON per part in benchmarks/results/ (GPU named). What it needs beyond the machine's PyTorch, exactly:
+#   onnxruntime-gpu==1.31.*   (CUDA 13 build; CUDAExecutionProvider)
+#   tensorrt-rtx              (CUDA 13; TensorRT-RTX does not support Hopper: reported as not run there)
+#   tensorrt>=10              (the Hopper path of the tensorrt exporter)
+# Missing pieces are reported as parts not run, with the reason; nothing fails midway.
+#   bash benchmarks/gpu/verify.sh            # on the GPU machine
+#   bash benchmarks/gpu/verify.sh --dry-run  # anywhere: tiny models, CPU paths, results to a temp folder (CI runs it)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+exec python benchmarks/gpu/verify.py "$@"
