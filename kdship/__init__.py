@@ -1,17 +1,15 @@
 """kdship: distill a large transformer into a small, fast, deployable one.
 
-The commands' library functions, for Python users: `kdship.train(TrainConfig)`, `kdship.distill(DistillConfig)`,
-`kdship.distill_recipe(recipe, **overrides)` (any distill recipe, pipeline or not). Imported on first use, so
-`kdship --help` stays instant."""
+For Python users, each command is a library function: `kdship.train.train(TrainConfig)`,
+`kdship.distill.distill(DistillConfig)`, and `kdship.distill_recipe(recipe, **overrides)` for any distill recipe,
+pipeline or not (imported on first use, so `kdship --help` stays instant)."""
 
 __version__ = "0.1.0"
 
-_LAZY = {"train": "kdship.train", "distill": "kdship.distill", "distill_recipe": "kdship.pipeline"}
-
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    if name == "distill_recipe":
+        from kdship.pipeline import distill_recipe
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return distill_recipe
     raise AttributeError(f"module 'kdship' has no attribute {name!r}")

@@ -233,6 +233,10 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
             for backend in cfg.backends}  # every (model, backend) checked before anything is measured
     inputs = {folder: model_inputs(folder, cfg) for folder in folders}
     if cfg.cpus:
+        usable = os.sched_getaffinity(0)
+        if not set(cfg.cpus) <= usable:
+            raise ConfigError(f"--cpus {','.join(map(str, cfg.cpus))}: this process may use cores "
+                              f"{','.join(map(str, sorted(usable)))} only")
         os.sched_setaffinity(0, cfg.cpus)
     load_before = os.getloadavg()
     rows = [row for backend, models in plan.items() for row in bench_backend(backend, models, inputs, cfg,

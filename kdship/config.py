@@ -105,10 +105,16 @@ def nest_flat_spellings(values: Any) -> Any:
         return values
     values = dict(values)
     for flat, (group, key) in FLAT_SPELLINGS.items():
-        if flat in values:
-            value = values.pop(flat)
-            if value is not None:
-                values[group] = {**(values.get(group) or {}), key: value}
+        if flat not in values:
+            continue
+        value = values.pop(flat)
+        section = values.get(group) or {}
+        if not isinstance(section, dict):
+            raise ValueError(f"{group} must be a mapping of its settings, e.g. {group}: {{{key}: ...}}")
+        if value is not None and key in section and section[key] != value:
+            raise ValueError(f"{flat} and {group}.{key} are both set, to different values; keep {group}.{key}")
+        if value is not None:
+            values[group] = {**section, key: value}
     return values
 
 
@@ -321,7 +327,11 @@ def _valid_keys_hint(model: type[BaseModel], loc: tuple) -> str:
 
 def build_config(cls: type[C], recipe: str | Path | None = None, what: str = "recipe", **flags: Any) -> C:
     """Defaults < recipe < flags (flags left as None do not override); `what` names the file in errors."""
-    merged = deep_merge(nest_flat_spellings(read_recipe(recipe, what) if recipe else {}), drop_unset(flags))
+    try:
+        recipe_values = nest_flat_spellings(read_recipe(recipe, what) if recipe else {})
+    except ValueError as e:
+        raise ConfigError(f"invalid {cls.__name__} in {recipe}: {e}") from None
+    merged = deep_merge(recipe_values, drop_unset(flags))
     try:
         return cls.model_validate(merged)
     except ValidationError as e:
@@ -432,7 +442,8 @@ class BenchConfig(Strict):
     warmup_s: float = Field(1.0, ge=0)
     min_runs: int = Field(20, ge=3, description="timed calls per model in each interleaved round")
     min_rounds: int = Field(6, ge=3, description="interleaved rounds at least (A B, B A, ...)")
-    max_seconds: float = Field(10.0, gt=0, description="time bound per measured point (all models together)")
+    max_seconds: float = Field(10.0, gt=0, description="time bound per measured point (all models together), once "
+                                                       "min_rounds are done")
     settle: float = Field(0.03, gt=0, le=1, description="stop once every speedup's 95% interval is within "
                                                         "±settle of it")
     inputs: Literal["auto", "real", "random"] = Field(

@@ -124,7 +124,8 @@ class Teacher:
 
     def __init__(self, model: nn.Module, source: str, wants: frozenset[str], cache: torch.Tensor | None):
         self.model, self.source, self.wants, self.cache = model, source, wants, cache
-        self.forward_calls = 0
+        self.memory = nn.Module()  # checkpointed with the run: a resumed record counts the whole run's calls
+        self.memory.register_buffer("forward_calls", torch.zeros((), dtype=torch.long))
 
     def outputs(self, batch: dict[str, torch.Tensor], indices: list[int]) -> Any:
         if self.cache is not None:
@@ -133,12 +134,12 @@ class Teacher:
         with torch.no_grad():
             out = self.model(**inputs, output_hidden_states=HIDDEN in self.wants,
                              output_attentions=ATTENTIONS in self.wants)
-        self.forward_calls += 1
+        self.memory.forward_calls += 1  # a CPU tensor: counting costs no device sync
         return out
 
     def record(self, runtime: Runtime) -> dict[str, Any]:
         return {"teacher_cache": self.cache is not None,
-                "teacher_forward_calls": int(runtime.total(self.forward_calls))}
+                "teacher_forward_calls": int(runtime.total(int(self.memory.forward_calls)))}
 
 
 def cached_teacher_logits(cfg: DistillConfig, needs: set[str], teacher: nn.Module, tokenizer: Any, data: RunData,
@@ -176,7 +177,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     with training_run(cfg) as (runtime, run_dir):
         run = _build_run(cfg, tconfig, runtime)
         plan = TrainingPlan(wrap_step(_step(run), run.techniques), run.evaluate, run.trainees,
-                            technique_memory(run.techniques))
+                            {"teacher": run.teacher.memory, **technique_memory(run.techniques)})
         loop_cfg = loop_config_for(cfg)
         state = fit(loop_cfg, plan, run.data.train, run.tokenizer, run_dir, runtime, run.collator, _label(run),
                     run.data.record())

@@ -290,6 +290,9 @@ def _save_best(trainee: Trainee, run_dir: Path, runtime: Runtime) -> None:
 def fit(cfg: RunConfig, plan: TrainingPlan, train: Encoded, tokenizer: Any, run_dir: Path, runtime: Runtime,
         mlm_collator: Any = None, progress_label: str = "train", data_identity: Any = None) -> LoopState:
     """Run the loop to cfg's step budget, resuming from run_dir's checkpoint when cfg.resume is set."""
+    if len(train.features) < runtime.world:
+        raise ConfigError(f"{len(train.features)} training examples cannot be shared by {runtime.world} processes; "
+                          "give more data or launch fewer processes")
     total, groups_per_epoch = total_steps_for(cfg, len(train.features), runtime.world)
     optimizer = _optimizer(cfg, plan.trainees)
     scheduler = _scheduler(cfg, optimizer, total)

@@ -29,6 +29,11 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
             and isinstance(manifest.get("files"), dict)):
         raise DataError(f"{path} is not a kdship manifest (it lacks variants or files); re-export the artifact "
                         "with kdship export")
+    broken = next((name for name, v in manifest["variants"].items() if not (
+        isinstance(v, dict) and isinstance(v.get("file"), str) and isinstance(v.get("parity"), dict))), None)
+    if broken is not None or not all(isinstance(h, str) for h in manifest["files"].values()):
+        what = f"variant {broken!r} lacks its file or parity" if broken is not None else "a file hash is not a string"
+        raise DataError(f"{path} is damaged ({what}); re-export the artifact with kdship export")
     return manifest
 
 

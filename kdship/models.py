@@ -224,15 +224,15 @@ def build_model(objective: str, source: str | None = None, config: Any = None, l
     except OSError as e:  # a folder with config.json but no (or unreadable) weights
         first = str(e).strip().splitlines()[0]
         raise ModelError(f"{source}: weights could not be loaded ({first}); check the folder holds model.safetensors")
+    except ValueError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ModelError(f"{source or config.model_type}: cannot build a {objective} model ({first}); "
+                         "use an encoder family such as bert, roberta, distilbert") from None
     except Exception as e:
         if type(e).__name__ != "SafetensorError":
             raise
         raise ModelError(f"{source}: model.safetensors is damaged or truncated ({str(e).splitlines()[0][:120]}); "
                          "copy it again or re-create the model") from None
-    except ValueError as e:
-        first = str(e).strip().splitlines()[0]
-        raise ModelError(f"{source or config.model_type}: cannot build a {objective} model ({first}); "
-                         "use an encoder family such as bert, roberta, distilbert") from None
 
 
 def uniform_layer_map(student_layers: int, teacher_layers: int) -> list[int]:

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from kdship.artifacts import read_record, staged_dir, write_record
 from kdship.config import (PIPELINE_FIELDS, DataConfig, DistillConfig, PipelineConfig, StageConfig, build_config,
-                           deep_merge, drop_unset, read_recipe, to_record)
+                           deep_merge, drop_unset, nest_flat_spellings, read_recipe, to_record)
 from kdship.errors import ConfigError, KdshipError
 from kdship.loop import START_FLAGS
 from kdship.runtime import Runtime, start_runtime
@@ -47,6 +47,15 @@ def _data(p: PipelineConfig, stage: StageConfig) -> DataConfig:
         return data
     raise ConfigError(f"stage {stage.name!r}: data {stage.data!r} is not defined; define it under datasets: "
                       f"(defined: {', '.join(p.datasets) or 'none'})")
+
+
+def nest_settings(settings: dict[str, Any], where: str) -> dict[str, Any]:
+    """Flat technique keys (select_ratio) as their sections (selection: {ratio}), so that a stage's or the command
+    line's value of one field overrides the same field, not the whole section."""
+    try:
+        return nest_flat_spellings(settings)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def stage_folder(p: PipelineConfig, index: int, stage: StageConfig) -> Path:
@@ -81,7 +90,8 @@ def resolve(p: PipelineConfig) -> list[Stage]:
     stages: list[Stage] = []
     previous_out: Path | None = None
     for i, spec in enumerate(p.stages):
-        fields = {**p.common, **spec.settings, "teacher": _teacher(p, spec), "data": _data(p, spec),
+        settings = deep_merge(nest_settings(p.common, "common"), nest_settings(spec.settings, f"stage {spec.name!r}"))
+        fields = {**settings, "teacher": _teacher(p, spec), "data": _data(p, spec),
                   **_students_from(p, previous_out), "output": str(stage_folder(p, i, spec)), "seed": p.seed,
                   "device": p.device, "precision": p.precision, "resume": p.resume}
         try:
@@ -145,7 +155,8 @@ def distill_recipe(recipe: str | Path | None = None, **overrides: Any) -> dict[s
         raise ConfigError(f"with a pipeline recipe, {', '.join(per_stage)} belong in the recipe (per stage, or its "
                           "datasets); overrides set students, output and training settings")
     pipeline = build_config(PipelineConfig, recipe, **{k: v for k, v in overrides.items() if k in PIPELINE_FIELDS})
-    common = deep_merge(pipeline.common, {k: v for k, v in overrides.items() if k not in PIPELINE_FIELDS})
+    common = deep_merge(nest_settings(pipeline.common, "common"),
+                        {k: v for k, v in overrides.items() if k not in PIPELINE_FIELDS})
     return run_pipeline(pipeline.model_copy(update={"common": common}))
 
 

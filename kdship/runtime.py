@@ -114,7 +114,8 @@ class Runtime:
         """The sum of `value` over processes."""
         if self.world == 1:
             return value
-        return float(self.accelerator.reduce(torch.tensor([float(value)], device=self.device), "sum").item())
+        total = torch.tensor([float(value)], dtype=torch.float64, device=self.device)  # exact counts past 2^24
+        return float(self.accelerator.reduce(total, "sum").item())
 
     def train_module(self, module: nn.Module, sharding: str, parts: Sequence[nn.Module] = (),
                      all_used: bool = False) -> nn.Module:

@@ -41,6 +41,14 @@ def bad(teacher_dir, artifact, data_dir, tmp_path_factory) -> dict[str, Path]:
         data = bytearray(onnx.read_bytes())
         data[-100] ^= 0xFF  # one byte of the weights: still a loadable model, no longer the exported one
         onnx.write_bytes(bytes(data))
+    made["manifest_bad_entries"] = shutil.copytree(artifact, root / "manifest-bad-entries")
+    (made["manifest_bad_entries"] / "manifest.json").write_text(json.dumps({"variants": {"onnx": "model.onnx"},
+                                                                             "files": {}}))
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    made["gpt2"] = root / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=300, n_positions=64)).save_pretrained(
+        made["gpt2"])
     made["budgets"] = root / "budgets.yaml"
     made["budgets"].write_text("max_accuracy_drop: 0.5\n")
     made["dev"] = data_dir / "dev.tsv"
@@ -77,6 +85,11 @@ CASES = {
         ["bench", "{manifest_no_variants}", "--batch", "1", "--seq", "8"],
         ["serve", "{manifest_no_variants}", "--port", "0"], ["deploy", "triton", "{manifest_no_variants}", "-o", OUT],
         ["report", "{manifest_no_variants}", "-o", OUT], ["gate", "{manifest_no_variants}", "--budgets", "{budgets}"])},
+    **{f"{cmd[0]} with damaged manifest entries": (cmd, "is damaged") for cmd in (
+        ["bench", "{manifest_bad_entries}", "--batch", "1", "--seq", "8"],
+        ["serve", "{manifest_bad_entries}", "--port", "0"], ["gate", "{manifest_bad_entries}", "--budgets", "{budgets}"])},
+    "train --objective mlm of a decoder": (["train", "--objective", "mlm", "--model", "{gpt2}", "--tokenizer", "{teacher}",
+                                            "--data", "{train}", "--max-steps", "1", "-o", OUT], "cannot build a mlm model"),
     # changed model files: refused by their hash, or (--no-verify) by ONNX Runtime
     "bench of a truncated onnx": (["bench", "{truncated_onnx}", "--batch", "1", "--seq", "8", "-o", OUT],
                                   "differs from the file that was exported"),

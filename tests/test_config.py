@@ -83,6 +83,40 @@ def test_technique_settings_are_nested_and_old_flat_recipes_keep_loading(tmp_pat
         build_config(DistillConfig, selection={"ratio": 0.5})
 
 
+def test_flat_and_nested_spellings_that_disagree_or_a_section_that_is_no_mapping_are_refused(tmp_path):
+    both = tmp_path / "both.yaml"
+    both.write_text("select_by: A\nselection: {by: B}\n")
+    with pytest.raises(ConfigError, match="select_by and selection.by are both set"):
+        build_config(DistillConfig, both)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("selection: foo\nselect_ratio: 0.5\n")
+    with pytest.raises(ConfigError, match="selection must be a mapping"):
+        build_config(DistillConfig, bad)
+
+
+def test_pipeline_flags_override_one_field_of_a_flat_common_section(tmp_path):
+    from kdship.config import PipelineConfig
+    from kdship.pipeline import nest_settings, resolve
+
+    recipe = tmp_path / "p.yaml"
+    recipe.write_text("student: bert:layers=1\ncommon: {select_by: S, select_ratio: 0.3}\nstages:\n"
+                      "  - {name: one, teacher: T/x, data: {train: d.tsv}, select_mode: weighted}\n")
+    p = build_config(PipelineConfig, recipe, output=str(tmp_path / "out"))
+    from kdship.config import deep_merge
+
+    p = p.model_copy(update={"common": deep_merge(nest_settings(p.common, "common"), {"selection": {"ratio": 0.7}})})
+    selection = resolve(p)[0].config.selection
+    assert (selection.by, selection.ratio, selection.mode) == ("S", 0.7, "weighted")
+
+
+def test_the_python_api_names_stay_callable():
+    import kdship
+    import kdship.distill
+    import kdship.train
+
+    assert callable(kdship.distill_recipe) and callable(kdship.train.train) and callable(kdship.distill.distill)
+
+
 def test_stage_settings_follow_distill_config_fields():
     from kdship.config import STAGE_SETTINGS
 

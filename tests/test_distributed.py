@@ -151,6 +151,14 @@ def test_selection_under_two_processes_counts_every_processs_samples(teacher_dir
     assert selected["training"]["samples_seen"] == 8 * 2 * 8 and selected["training"]["global_batch"] == 16
 
 
+def test_fewer_examples_than_processes_is_refused_not_an_endless_loop(teacher_dir, data_dir, tmp_path):
+    done = subprocess.run(TORCHRUN + ["distill", "--teacher", str(teacher_dir), "--student", "bert:layers=1", "--data",
+                                      str(data_dir / "train.tsv"), "--max-train-samples", "1", "--max-steps", "2",
+                                      "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "1 training examples cannot be shared by 2 processes" in done.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
 def test_sharding_needs_several_processes(teacher_dir, data_dir, tmp_path):
     result = kdship(*_train_args(teacher_dir, data_dir, tmp_path / "out", 2, "--sharding", "fsdp"))
     assert result.exit_code == 2 and "sharding fsdp shards a model across processes" in result.stderr

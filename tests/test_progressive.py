@@ -153,6 +153,21 @@ def test_teacher_logits_are_cached_when_safe_and_not_otherwise(teacher_dir, data
     assert a["training"]["loss_first"] == pytest.approx(b["training"]["loss_first"], rel=1e-4)
 
 
+def test_a_resumed_run_records_the_whole_runs_teacher_calls_and_first_losses(teacher_dir, data_dir, tmp_path):
+    from test_reverse_selection import _interrupt_after_checkpoint
+
+    args = ["distill", "--teacher", teacher_dir, "--student", "bert:layers=1", "--data", data_dir / "train.tsv",
+            "--max-steps", 8, "--batch-size", 16, "--save-every", 4, "--teacher-cache", "off"]
+    kdship_ok(*args, "-o", tmp_path / "straight")
+    _interrupt_after_checkpoint([*args, "-o", tmp_path / "resumed"], tmp_path / ".resumed.kdship-run" / "checkpoint.pt")
+    kdship_ok(*args, "-o", tmp_path / "resumed", "--resume")
+    straight, resumed = (json.loads((tmp_path / d / "kdship.json").read_text())["training"]
+                         for d in ("straight", "resumed"))
+    assert resumed["teacher_forward_calls"] == straight["teacher_forward_calls"] == 8
+    assert resumed["loss_first"] == pytest.approx(straight["loss_first"], rel=1e-6)
+    assert resumed["student_forward_seconds"] > 0
+
+
 def test_features_objective_refuses_logit_losses(teacher_dir, data_dir, tmp_path):
     result = kdship("distill", "--teacher", teacher_dir, "--student", "bert:layers=1", "--objective", "features",
                     "--loss", "kd", "--data", data_dir / "train.tsv", "-o", tmp_path / "x")
