@@ -47,8 +47,10 @@ def quickstart_configs(cfg: QuickstartConfig, root: Path, train_file: Path, eval
                              output=str(root / "bench")),
         "report": ReportConfig(runs=[str(root)], output=str(root / "report.html"),
                                title="kdship quickstart (synthetic task)"),
+        # The quickstart checks an install, not a machine: a speed point measured unstable (a busy machine) is
+        # reported in the bench table and the report, but does not fail it. `kdship gate` refuses it by default.
         "gate": GateConfig(budgets=str(root / "budgets.yaml"), runs=[str(root)], junit=str(root / "gate.xml"),
-                           json_out=str(root / "gate.json")),
+                           json_out=str(root / "gate.json"), allow_unstable=True),
     }
 
 
@@ -84,7 +86,11 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     for export_cfg in configs["exports"]:
         export(export_cfg)
     out.print("5/7 benchmarking teacher and student side by side (ONNX Runtime, CPU)")
-    print_bench(bench(configs["bench"]))
+    measured = bench(configs["bench"])
+    print_bench(measured)
+    if not all(r["stable"] for r in measured["results"]):
+        out.print("note: this machine was busy during the bench; the quickstart's gate accepts unstable speed rows, "
+                  "`kdship gate` refuses them unless given --allow-unstable")
     out.print("6/7 writing the report")
     written = report(configs["report"])
     out.print("7/7 gating the run against budgets.yaml")
