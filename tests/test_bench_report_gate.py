@@ -120,8 +120,10 @@ max_model_mb: 50
 speed:
   - {backend: ort-cpu, batch: 1, seq: 16, max_p99_ms: 10000, min_speedup: 0.01}
 """)
+    # --allow-unstable: these tests are about budgets; a busy test machine may mark the tiny bench unstable (the
+    # refusal itself is tested in test_measure.py)
     result = kdship_ok("gate", runs, "--budgets", budgets, "--junit", tmp_path / "gate.xml", "--json",
-                       tmp_path / "gate.json")
+                       tmp_path / "gate.json", "--allow-unstable")
     assert "✓ student accuracy" in result.stdout and "0 failed" in result.stdout
     suite = ET.parse(tmp_path / "gate.xml").getroot()
     assert suite.tag == "testsuite" and int(suite.get("tests")) >= 6 and suite.get("failures") == "0"
@@ -130,7 +132,7 @@ speed:
 
 def test_gate_fails_an_impossible_budget_with_exit_1_and_a_readable_line(runs, tmp_path):
     budgets = _budgets(tmp_path, "speed:\n  - {backend: ort-cpu, batch: 4, seq: 16, max_p99_ms: 0.000001}\n")
-    result = kdship("gate", runs, "--budgets", budgets, "--junit", tmp_path / "gate.xml")
+    result = kdship("gate", runs, "--budgets", budgets, "--junit", tmp_path / "gate.xml", "--allow-unstable")
     assert result.exit_code == 1
     assert "✗ student-artifact ort-cpu b4 s16 p99_ms:" in result.stdout and "(limit <= 1e-06)" in result.stdout
     failure = ET.parse(tmp_path / "gate.xml").getroot().find("testcase/failure")
