@@ -4,6 +4,7 @@ CPU, threads, versions, every figure) and bench.csv."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
@@ -209,6 +210,22 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
+@contextlib.contextmanager
+def pinned(cpus: list[int] | None):
+    """Run on these cores (all the process may use when None); the caller's affinity is put back afterwards.
+    Yields the cores measured on."""
+    usable = os.sched_getaffinity(0)
+    if cpus and not set(cpus) <= usable:
+        raise ConfigError(f"--cpus {','.join(map(str, cpus))}: this process may use cores "
+                          f"{','.join(map(str, sorted(usable)))} only")
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    try:
+        yield sorted(cpus or usable)
+    finally:
+        os.sched_setaffinity(0, usable)
+
+
 @under_weights_policy
 def bench(cfg: BenchConfig) -> dict[str, Any]:
     from kdship.backends import load_all
@@ -232,17 +249,12 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
     plan = {backend: [(folder, resolve(folder, backend, cfg.seq, cfg.verify)) for folder in folders]
             for backend in cfg.backends}  # every (model, backend) checked before anything is measured
     inputs = {folder: model_inputs(folder, cfg) for folder in folders}
-    if cfg.cpus:
-        usable = os.sched_getaffinity(0)
-        if not set(cfg.cpus) <= usable:
-            raise ConfigError(f"--cpus {','.join(map(str, cfg.cpus))}: this process may use cores "
-                              f"{','.join(map(str, sorted(usable)))} only")
-        os.sched_setaffinity(0, cfg.cpus)
     load_before = os.getloadavg()
-    rows = [row for backend, models in plan.items() for row in bench_backend(backend, models, inputs, cfg,
-                                                                              folders[0].name)]
+    with pinned(cfg.cpus) as affinity:
+        rows = [row for backend, models in plan.items() for row in bench_backend(backend, models, inputs, cfg,
+                                                                                  folders[0].name)]
     result = {"kind": "kdship-bench/2", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              **device_info(cfg.threads), "cpu_affinity": sorted(os.sched_getaffinity(0)),
+              **device_info(cfg.threads), "cpu_affinity": affinity,
               "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
               "versions": library_versions(), "config": to_record(cfg), "baseline": folders[0].name,
               "models": [model_facts(f) for f in folders], "results": rows}

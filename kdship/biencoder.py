@@ -126,13 +126,13 @@ def build_biencoder(source: str | None = None, config: Any = None, label_names: 
 def embed_pairs(model: BiEncoder, tokenizer: Any, encoded: Any, batch_size: int, device: torch.device,
                 autocast: Any = None) -> tuple[Tensor, Tensor]:
     """Both sides' embeddings for every pair, in the data's order."""
-    from kdship.data import iterate_batches
+    from kdship.data import iterate_batches, model_inputs
 
     model.eval()
     left = torch.empty(len(encoded.features), model.config.hidden_size)
     right = torch.empty_like(left)
     for indices, batch in iterate_batches(tokenizer, encoded, batch_size):
-        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        batch = {k: v.to(device) for k, v in model_inputs(batch).items()}
         sides = {k: v for k, v in batch.items() if not k.endswith(SECOND)}
         with autocast() if autocast else torch.autocast(device.type, enabled=False):
             u, _ = model.embed(**sides)

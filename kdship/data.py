@@ -285,6 +285,11 @@ def partners(n: int, device: Any) -> Any:
     return torch.arange(n, device=device)
 
 
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """What a model's forward takes from a batch: everything but the labels (a loss computed here reads them)."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
 def targets(batch: dict[str, Any], logits: Any) -> Any:
     """The labels a batch's logits are scored against: its labels, or for in-batch matching the partners."""
     return batch["labels"] if "labels" in batch else partners(len(logits), logits.device)

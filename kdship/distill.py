@@ -13,7 +13,7 @@ from torch import nn
 
 from kdship.artifacts import read_record, sha256_file, staged_dir, write_record
 from kdship.config import DistillConfig, to_record
-from kdship.data import targets, token_mask
+from kdship.data import model_inputs, targets, token_mask
 from kdship.errors import ConfigError, ModelError
 from kdship.loop import LoopState, Step, StepInput, StepResult, TrainingPlan, fit, total_steps_for
 from kdship.losses import LossInputs, WeightedLoss, get_loss
@@ -130,9 +130,8 @@ class Teacher:
     def outputs(self, batch: dict[str, torch.Tensor], indices: list[int]) -> Any:
         if self.cache is not None:
             return TeacherOutputs(self.cache[torch.as_tensor(indices, device=self.cache.device)])
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
         with torch.no_grad():
-            out = self.model(**inputs, output_hidden_states=HIDDEN in self.wants,
+            out = self.model(**model_inputs(batch), output_hidden_states=HIDDEN in self.wants,
                              output_attentions=ATTENTIONS in self.wants)
         self.memory.forward_calls += 1  # a CPU tensor: counting costs no device sync
         return out
@@ -264,7 +263,7 @@ def _step(run: DistillRun) -> Step:
 
     def step(x: StepInput) -> StepResult:
         t_out = run.teacher.outputs(x.tensors, x.indices)  # once per batch, shared by every student
-        inputs = {k: v for k, v in x.tensors.items() if k != "labels"}
+        inputs = model_inputs(x.tensors)
         total, logs = 0.0, {}
         for t in run.trainees:
             with t.timer.region():

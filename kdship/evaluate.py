@@ -9,7 +9,7 @@ import torch
 
 from kdship.models import under_weights_policy
 from kdship.config import EvalConfig
-from kdship.data import Encoded, iterate_batches
+from kdship.data import Encoded, iterate_batches, model_inputs
 from kdship.runs import RETRIEVAL_METRICS, headline_metrics
 
 
@@ -20,7 +20,7 @@ def predict_logits(model: Any, tokenizer: Any, encoded: Encoded, batch_size: int
     model.eval()
     out = torch.empty(len(encoded.features), model.config.num_labels)
     for indices, batch in iterate_batches(tokenizer, encoded, batch_size):
-        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        batch = {k: v.to(device) for k, v in model_inputs(batch).items()}
         with autocast() if autocast else torch.autocast(device.type, enabled=False):
             logits = model(**batch).logits
         out[torch.tensor(indices)] = logits.float().cpu()
@@ -31,13 +31,13 @@ def predict_logits(model: Any, tokenizer: Any, encoded: Encoded, batch_size: int
 def mlm_loss(model: Any, tokenizer: Any, encoded: Encoded, batch_size: int, device: torch.device,
              mlm_collator: Any) -> float:
     """Mean masked-token cross-entropy with a fixed masking seed, so values compare across runs and models."""
-    from kdship.data import bucket_batches, collate
+    from kdship.data import bucket_batches, collate, model_inputs
 
     model.eval()
     total, count = 0.0, 0
     for i, indices in enumerate(bucket_batches(encoded.lengths(), batch_size, seed=0, shuffle=False)):
         batch = {k: v.to(device) for k, v in collate(tokenizer, encoded, indices, mlm_collator, 1000 + i).items()}
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        logits = model(**model_inputs(batch)).logits.float()
         labels = batch["labels"]
         total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
                                                    reduction="sum").item()

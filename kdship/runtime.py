@@ -171,9 +171,12 @@ def start_runtime(device: str, precision: str) -> Runtime:
     AcceleratorState._reset_state(reset_partial_state=not launched_distributed())
     mixed = "bf16" if uses_bf16(torch.device("cpu" if cpu else "cuda"), precision) else "no"
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, kwargs_handlers=[DistributedDataParallelKwargs()])
-    if launched_distributed():
-        atexit.register(_close_process_group)
+    if launched_distributed() and not _CLOSE_AT_EXIT:
+        _CLOSE_AT_EXIT.append(atexit.register(_close_process_group))
     return Runtime(accelerator, precision)
+
+
+_CLOSE_AT_EXIT: list = []  # the exit hook, once registered (a pipeline starts a runtime per stage)
 
 
 def _close_process_group() -> None:

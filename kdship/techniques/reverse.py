@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from kdship.config import ReverseConfig, to_record
-from kdship.data import targets, token_mask
+from kdship.data import model_inputs, targets, token_mask
 from kdship.errors import ConfigError
 from kdship.loop import Step, StepInput, StepResult
 from kdship.losses import LossInputs, get_loss, hidden_mse
@@ -79,9 +79,8 @@ class ReverseDistillation:
     def distill_loss(self, result: StepResult, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
         """KD from the small model (and hidden matching), and what to log."""
         s = self.settings
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
         with torch.no_grad():
-            small = self.small(**inputs, output_hidden_states=s.hidden_weight > 0)
+            small = self.small(**model_inputs(batch), output_hidden_states=s.hidden_weight > 0)
         logits = result.output.logits
         distill = get_loss("kd").fn(LossInputs(student_logits=logits, teacher_logits=small.logits,
                                                labels=targets(batch, logits), temperature=s.temperature))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdship.config import RunConfig, SelectionConfig
-from kdship.data import targets
+from kdship.data import model_inputs, targets
 from kdship.loop import Step, StepInput, StepResult
 from kdship.runtime import Runtime
 from kdship.techniques import TechniqueContext, TechniqueDef
@@ -32,7 +32,7 @@ def per_example_loss(logits: Tensor, labels: Tensor) -> Tensor:
 def example_losses(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Each example's loss under `model`: against its label, its masked tokens, or (in-batch matching, where a
     batch has no labels) its own partner among the batch's."""
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    logits = model(**model_inputs(batch)).logits
     return per_example_loss(logits, targets(batch, logits))
 
 
