@@ -27,7 +27,9 @@ def command(fn: Callable | None = None, *, name: str | None = None, on: typer.Ty
 
         quiet_libraries()
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            _leave_process_group()
+            return result
         except KdshipError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(e.exit_code) from None
@@ -43,6 +45,15 @@ def command(fn: Callable | None = None, *, name: str | None = None, on: typer.Ty
 
 
 RESUMABLE = ("train", "distill")
+
+
+def _leave_process_group() -> None:
+    """A launched command that succeeded leaves its process group together with the others (kdship.runtime is
+    imported only by commands that start a runtime, so the other commands do not pay for importing torch)."""
+    import sys
+
+    if "kdship.runtime" in sys.modules:
+        sys.modules["kdship.runtime"].close_process_group(succeeded=True)
 
 
 def _path_problem(e: OSError) -> str:

@@ -179,11 +179,22 @@ def start_runtime(device: str, precision: str) -> Runtime:
 _CLOSE_AT_EXIT: list = []  # the exit hook, once registered (a pipeline starts a runtime per stage)
 
 
+def close_process_group(succeeded: bool = True) -> None:
+    """Leave the launcher's process group, if this process joined one. After a command that succeeded every process
+    first waits for the others, so that none tears down its communication threads while another still uses the
+    group; after a failure it leaves at once (the others may never arrive; the launcher stops them)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if succeeded:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def _close_process_group() -> None:
     """At exit, before the interpreter tears down: a process group left open aborts the process ("terminate called
-    without an active exception") when its communication threads are destroyed with it."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    without an active exception") when its communication threads are destroyed with it. Commands close it
+    themselves (close_process_group); this covers a Python user's own script."""
+    close_process_group(succeeded=False)
 
 
 def is_sharded(module: nn.Module) -> bool:
