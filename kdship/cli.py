@@ -228,6 +228,8 @@ def distill(
     seed: Seed = None, device: Device = None, precision: Precision = None, sharding: Sharding = None,
     output: Output = None, recipe: Recipe = None, resume: Resume = None, overwrite: Overwrite = None,
     allow_pickle_weights: AllowPickle = None,
+    keep_going: Annotated[Optional[bool], typer.Option("--keep-going", help="pipelines: run the next stages even "
+                                                       "after a stage whose student collapsed")] = None,
 ) -> None:
     """Distill students from a teacher: soft/hard labels, hidden-state and attention matching, MLM or feature
     objectives, several students in one pass, progressive pipelines (a recipe with stages:)."""
@@ -241,7 +243,8 @@ def distill(
         data=_data(data, eval_data, text_column, label_column, max_length, max_train_samples, max_eval_samples),
         objective=objective, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
         lr=lr, eval_every=eval_every, save_every=save_every, seed=seed, device=device, precision=precision,
-        output=output, resume=resume, overwrite=overwrite, allow_pickle_weights=allow_pickle_weights)
+        output=output, resume=resume, overwrite=overwrite, allow_pickle_weights=allow_pickle_weights,
+        keep_going=keep_going)
     if "final" in result:  # a pipeline
         _echo(f"wrote {result['output']}: final {', '.join(result['final'].values())}")
     else:

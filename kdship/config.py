@@ -530,7 +530,7 @@ class GateConfig(Strict):
 # What a pipeline sets once for all stages (PipelineConfig's own fields), or per stage by name (teacher, data):
 # every other DistillConfig field is a stage setting.
 PIPELINE_FIELDS = ("output", "student", "students", "teacher", "data", "seed", "device", "precision", "resume",
-                   "overwrite")
+                   "overwrite", "keep_going")
 STAGE_SETTINGS = tuple(k for k in DistillConfig.model_fields if k not in PIPELINE_FIELDS) + tuple(
     flat for flat, (group, _) in FLAT_SPELLINGS.items() if group in DistillConfig.model_fields)
 
@@ -575,5 +575,6 @@ class PipelineConfig(Strict):
     precision: Precision = "auto"
     resume: bool = False
     overwrite: bool = False
+    keep_going: bool = Field(False, description="run the next stages even after a stage whose student collapsed")
 
     _named = field_validator("students", mode="before")(lambda cls, v: named_students(v))

@@ -4,6 +4,7 @@ the outputs. The optimizer step, evaluation and checkpoints are kdship.loop's; t
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,15 +19,17 @@ from kdship.errors import ConfigError, ModelError
 from kdship.loop import LoopState, Step, StepInput, StepResult, TrainingPlan, fit, total_steps_for
 from kdship.losses import LossInputs, WeightedLoss, get_loss
 from kdship.models import (build_model, check_tokenizers_match, check_vocab_compatible, config_from_spec,
-                           expand_shorthand, init_from_teacher, is_mlm, is_shape_spec, label_names_of, load_config,
-                           load_tokenizer, max_tokens, task_label_names, under_weights_policy,
-                           uniform_layer_map)
-from kdship.run import (RunData, evaluation_for, final_weights, load_run_data, mlm_collator_for, output_record,
+                           captured_qkv, expand_shorthand, init_from_teacher, is_mlm, is_shape_spec, label_names_of,
+                           load_config, load_tokenizer, max_tokens, relation_heads, task_label_names,
+                           under_weights_policy, uniform_layer_map)
+from kdship.run import (RunData, evaluation_for, final_weights, label_metrics, load_run_data, mlm_collator_for,
+                        output_record,
                         predict_everywhere, training_run, training_summary, write_model_folder, write_output)
 from kdship.runtime import Runtime
+from kdship.sanity import findings, warn
 from kdship.techniques import (Technique, TechniqueContext, build_techniques, loop_config_for, technique_memory,
                                technique_records, wrap_step)
-from kdship.trainee import ATTENTIONS, HIDDEN, HiddenProjection, Trainee
+from kdship.trainee import ATTENTIONS, HIDDEN, QKV, HiddenProjection, Trainee
 
 PROJECTIONS = "projections"  # a student's head mapping its hidden states to the teacher's width
 
@@ -116,28 +119,35 @@ class TeacherOutputs:
     logits: torch.Tensor
     hidden_states: Any = None
     attentions: Any = None
+    qkv: dict[int, list[torch.Tensor]] | None = None  # teacher layer -> its query, key and value projections
 
 
 class Teacher:
     """The teacher as the step sees it: `outputs(batch, indices)`, computed now under no_grad, or read from the
-    logits computed once before training when that is all the losses read (`cache`)."""
+    logits computed once before training when that is all the losses read (`cache`). Without a loss that reads
+    it there is no teacher model at all (`model` None) and `outputs` is None."""
 
-    def __init__(self, model: nn.Module, source: str, wants: frozenset[str], cache: torch.Tensor | None):
-        self.model, self.source, self.wants, self.cache = model, source, wants, cache
+    def __init__(self, model: nn.Module | None, source: str, parameters: int, wants: frozenset[str],
+                 qkv_layers: frozenset[int], cache: torch.Tensor | None):
+        self.model, self.source, self.parameters, self.wants = model, source, parameters, wants
+        self.qkv_layers, self.cache = qkv_layers, cache
         self.memory = nn.Module()  # checkpointed with the run: a resumed record counts the whole run's calls
         self.memory.register_buffer("forward_calls", torch.zeros((), dtype=torch.long))
 
-    def outputs(self, batch: dict[str, torch.Tensor], indices: list[int]) -> Any:
+    def outputs(self, batch: dict[str, torch.Tensor], indices: list[int]) -> TeacherOutputs | None:
         if self.cache is not None:
             return TeacherOutputs(self.cache[torch.as_tensor(indices, device=self.cache.device)])
-        with torch.no_grad():
+        if self.model is None:
+            return None
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            qkv = {layer: stack.enter_context(captured_qkv(self.model, layer)) for layer in sorted(self.qkv_layers)}
             out = self.model(**model_inputs(batch), output_hidden_states=HIDDEN in self.wants,
                              output_attentions=ATTENTIONS in self.wants)
         self.memory.forward_calls += 1  # a CPU tensor: counting costs no device sync
-        return out
+        return TeacherOutputs(out.logits, out.hidden_states, out.attentions, qkv)
 
     def record(self, runtime: Runtime) -> dict[str, Any]:
-        return {"teacher_cache": self.cache is not None,
+        return {"teacher_read": self.model is not None, "teacher_cache": self.cache is not None,
                 "teacher_forward_calls": int(runtime.total(int(self.memory.forward_calls)))}
 
 
@@ -191,32 +201,39 @@ def _build_run(cfg: DistillConfig, tconfig: Any, runtime: Runtime) -> DistillRun
     tokenizer = load_tokenizer(cfg.teacher, "teacher")
     label_names = task_label_names(head, tconfig) if head != "match" or cfg.labelled else None
     teacher = build_model(head, source=cfg.teacher, attn_eager=eager, match_loss=cfg.match_loss)
+    parameters = sum(p.numel() for p in teacher.parameters())
     sources = student_sources(cfg, tconfig.model_type)
     prefix = lambda name: f"{name}/" if cfg.students is not None else ""  # noqa: E731
     trainees = [_student(cfg, name, source, head, teacher, tokenizer, label_names, eager, prefix(name))
                 for name, source in sources.items()]  # copied from the teacher before it is sharded
-    teacher = runtime.frozen_module(teacher, cfg.teacher_sharding)
+    if "teacher" not in needs:  # e.g. hard labels only: the teacher gave its layers and vocabulary, nothing more
+        teacher = None
+    else:
+        teacher = runtime.frozen_module(teacher, cfg.teacher_sharding)
     data = load_run_data(cfg, tokenizer, label_names if cfg.labelled else None,
-                         max_tokens(cfg.data.max_length, teacher.config, *(t.model.config for t in trainees)))
+                         max_tokens(cfg.data.max_length, tconfig, *(t.model.config for t in trainees)))
     wants = frozenset({HIDDEN} if "hidden" in needs else set()) | ({ATTENTIONS} if eager else set())
-    cache = cached_teacher_logits(cfg, needs, teacher, tokenizer, data, runtime)
+    cache = cached_teacher_logits(cfg, needs, teacher, tokenizer, data, runtime) if teacher is not None else None
     collator = mlm_collator_for(cfg, tokenizer)
     evaluate = _evaluation(cfg, trainees, teacher, tokenizer, data, runtime, collator)
     for t in trainees:
         if "hidden" in needs:
             t.heads[PROJECTIONS] = HiddenProjection(list(range(t.model.config.num_hidden_layers + 1)),
-                                                    t.model.config.hidden_size, teacher.config.hidden_size)
+                                                    t.model.config.hidden_size, tconfig.hidden_size)
+        if "qkv" in needs:
+            t.details["relation_heads"] = relation_heads(t.model.config, tconfig)
     total, _ = total_steps_for(loop_config_for(cfg), len(data.train.features), runtime.world)
     techniques = build_techniques(TechniqueContext(cfg, trainees[0], tokenizer, data.train, runtime, total))
     # every parameter gets a gradient when a loss reads the student's own head (a bi-encoder's pooler does not)
     all_used = "logits" in needs and cfg.objective not in ("match", "features")
     for t in trainees:
         t.distribute(runtime, cfg.sharding, all_used)
-    return DistillRun(cfg, runtime, tokenizer, Teacher(teacher, cfg.teacher, wants, cache), trainees, data, collator,
-                      terms, needs, techniques, evaluate)
+    qkv_layers = frozenset(t.details["layer_map"][-1] - 1 for t in trainees) if "qkv" in needs else frozenset()
+    return DistillRun(cfg, runtime, tokenizer, Teacher(teacher, cfg.teacher, parameters, wants, qkv_layers, cache),
+                      trainees, data, collator, terms, needs, techniques, evaluate)
 
 
-def _evaluation(cfg: DistillConfig, trainees: list[Trainee], teacher: nn.Module, tokenizer: Any, data: RunData,
+def _evaluation(cfg: DistillConfig, trainees: list[Trainee], teacher: nn.Module | None, tokenizer: Any, data: RunData,
                 runtime: Runtime, collator: Any) -> Any:
     """Each student's evaluation (accuracy and agreement with the teacher, in one pass over the eval set, for
     classifiers); sets which metric decides each student's best step."""
@@ -228,7 +245,7 @@ def _evaluation(cfg: DistillConfig, trainees: list[Trainee], teacher: nn.Module,
         return None
     labelled = data.eval is not None and cfg.labelled
     teacher_top = predict_everywhere(teacher, tokenizer, data.eval, cfg.eval_batch_size,
-                                     runtime).argmax(-1).cpu() if labelled else None
+                                     runtime).argmax(-1).cpu() if labelled and teacher is not None else None
     labels = torch.tensor(data.eval.labels) if labelled else None
 
     def student_metrics(t: Trainee) -> dict[str, float]:
@@ -238,15 +255,17 @@ def _evaluation(cfg: DistillConfig, trainees: list[Trainee], teacher: nn.Module,
 
         top = predict_logits(t.model, tokenizer, data.eval, cfg.eval_batch_size, runtime.device,
                              runtime.autocast).argmax(-1)
-        return {"accuracy": top.eq(labels).float().mean().item(), "agreement": top.eq(teacher_top).float().mean().item()}
+        metrics = label_metrics(top, labels, teacher_top)
+        warn(f"student {t.name}" if t.prefix else "the student", findings(metrics, data.baseline))
+        return metrics
 
     return lambda: {f"{t.prefix}{k}": v for t in trainees for k, v in student_metrics(t).items()}
 
 
-def _loss_inputs(trainee: Trainee, t_out: Any, s_out: Any, heads: dict[str, Any], batch: dict[str, Any],
-                 needs: set[str], temperature: float) -> LossInputs:
-    x = LossInputs(student_logits=s_out.logits, teacher_logits=t_out.logits, labels=targets(batch, s_out.logits),
-                   attention_mask=token_mask(batch), temperature=temperature)
+def _loss_inputs(trainee: Trainee, t_out: TeacherOutputs | None, s_out: Any, heads: dict[str, Any],
+                 batch: dict[str, Any], needs: set[str], temperature: float) -> LossInputs:
+    x = LossInputs(student_logits=s_out.logits, teacher_logits=t_out and t_out.logits,
+                   labels=targets(batch, s_out.logits), attention_mask=token_mask(batch), temperature=temperature)
     layer_map = trainee.details["layer_map"]
     if "hidden" in needs:
         x.student_hidden = heads[PROJECTIONS]
@@ -254,12 +273,15 @@ def _loss_inputs(trainee: Trainee, t_out: Any, s_out: Any, heads: dict[str, Any]
     if "attentions" in needs:
         x.student_attentions = s_out.attentions
         x.teacher_attentions = [t_out.attentions[i - 1] for i in layer_map[1:]]
+    if "qkv" in needs:  # the student's last layer against the teacher layer it is mapped to
+        x.student_qkv, x.teacher_qkv = heads[QKV], t_out.qkv[layer_map[-1] - 1]
+        x.relation_heads = trainee.details["relation_heads"]
     return x
 
 
 def _step(run: DistillRun) -> Step:
     outputs = frozenset({PROJECTIONS} if "hidden" in run.needs else set()) | (
-        {ATTENTIONS} if "attentions" in run.needs else set())
+        {ATTENTIONS} if "attentions" in run.needs else set()) | ({QKV} if "qkv" in run.needs else set())
 
     def step(x: StepInput) -> StepResult:
         t_out = run.teacher.outputs(x.tensors, x.indices)  # once per batch, shared by every student
@@ -282,12 +304,14 @@ def _step(run: DistillRun) -> Step:
 
 def _label(run: DistillRun) -> str:
     several = f" x{len(run.trainees)} students" if run.cfg.students is not None else ""
-    return f"distill{several}" + (" (teacher cached)" if run.teacher.cache is not None else "")
+    teacher = " (teacher cached)" if run.teacher.cache is not None else ""
+    teacher = " (no loss reads the teacher: not run)" if run.teacher.model is None else teacher
+    return f"distill{several}{teacher}"
 
 
 def _write_outputs(run: DistillRun, state: LoopState, run_dir: Path) -> dict[str, Any]:
     cfg, runtime = run.cfg, run.runtime
-    teacher = teacher_identity(cfg.teacher) | {"parameters": sum(p.numel() for p in run.teacher.model.parameters())}
+    teacher = teacher_identity(cfg.teacher) | {"parameters": run.teacher.parameters}
     teacher_training = run.teacher.record(runtime)
     techniques = technique_records(run.techniques, runtime)
 
@@ -302,9 +326,10 @@ def _write_outputs(run: DistillRun, state: LoopState, run_dir: Path) -> dict[str
 
     if cfg.students is None:
         t = run.trainees[0]
-        return write_output(Path(cfg.output), run_dir, state, t, run.tokenizer, record_for(t), cfg.overwrite, runtime)
+        return write_output(Path(cfg.output), run_dir, state, t, run.tokenizer, record_for(t), cfg.overwrite, runtime,
+                            run.data.baseline)
     weights = {t.name: final_weights(run_dir, state, t, runtime) for t in run.trainees}
-    results = {t.name: output_record(state, t, record_for(t)) for t in run.trainees}
+    results = {t.name: output_record(state, t, record_for(t), run.data.baseline) for t in run.trainees}
     output = Path(cfg.output)
     if runtime.is_main:
         with staged_dir(output, cfg.overwrite) as tmp:  # every student appears at once, or none does

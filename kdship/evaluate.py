@@ -142,10 +142,31 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         result[role] = {"source": source, **metrics}
     if cfg.teacher:
         result["comparison"] = compare(result["student"], result["teacher"], outputs["student"], outputs["teacher"])
+    if names:
+        result["checks"] = _checks(result, outputs["student"].argmax(-1), labels, names)
     out = Path(cfg.output) if cfg.output else Path(cfg.student) / "eval.json"
     atomic_write_json(out, result)
     result["output"] = str(out)
     return result
+
+
+def _checks(result: dict[str, Any], top: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict[str, Any]:
+    """Whether the student looks collapsed on this data, and notes on figures that need a second look (each also
+    printed as a warning)."""
+    from kdship.sanity import Baseline, checks_record, retention_note, warn
+
+    metrics = {"accuracy": result["student"]["accuracy"],
+               "top_prediction_share": top.bincount().max().item() / max(len(top), 1)}
+    if "comparison" in result:
+        metrics["agreement"] = result["comparison"]["agreement"]
+    checks = checks_record(metrics, Baseline.of(labels.tolist(), names))
+    warn("the student", checks["findings"])
+    note = retention_note(result.get("comparison", {}).get("retention", 0.0))
+    if note:
+        from kdship.ui import console
+
+        console().print(f"[yellow]note:[/] {note}")
+    return {**checks, "notes": [note] if note else []}
 
 
 def print_eval(result: dict[str, Any]) -> None:

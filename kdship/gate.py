@@ -70,6 +70,21 @@ def _export_checks(budgets: Budgets, runs: Runs) -> list[Check]:
     return checks
 
 
+def _collapse_checks(runs: Runs) -> list[Check]:
+    """One check per evaluated model whose record says whether it collapsed (kdship.sanity): a model that learned
+    nothing fails the gate whatever the budgets say."""
+    checks = []
+    for folder, record in [*runs.evals.items(), *runs.models.items()]:
+        found = record.get("checks") or {}
+        if "collapsed" not in found:
+            continue
+        metrics = record["student"] if "student" in record else record.get("metrics", {})
+        floor = max(found["baseline"]["majority_rate"], found["baseline"]["chance"])
+        checks.append(Check(f"{Path(folder).name} not collapsed (accuracy above the majority-class rate)",
+                            metrics.get("accuracy", 0.0), floor, ">", not found["collapsed"]))
+    return checks
+
+
 def _integrity_checks(runs: Runs) -> list[Check]:
     """One check per artifact: every file it lists is present and has the sha256 the export recorded."""
     from kdship.manifest import changed_files, files_in_use
@@ -169,6 +184,7 @@ def gate(cfg: GateConfig) -> dict[str, Any]:
                               "the folders they measure (eval.json for accuracy, artifacts for export budgets, a "
                               "bench folder for speed)")
         raise ConfigError(f"budgets file {cfg.budgets} sets no budget; add e.g. min_accuracy: 0.8")
+    checks = _collapse_checks(runs) + checks
     result = {"passed": all(c.passed for c in checks), "checks": [asdict(c) for c in checks], "facts": facts}
     if cfg.update_baseline:
         if not cfg.baseline:

@@ -6,6 +6,7 @@ models for hidden states or attention maps only when some loss uses them."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -26,6 +27,9 @@ class LossInputs:
     teacher_hidden: Sequence[Tensor] = ()
     student_attentions: Sequence[Tensor] = ()  # [batch, heads, seq, seq] probabilities, paired
     teacher_attentions: Sequence[Tensor] = ()
+    student_qkv: Sequence[Tensor] = ()  # one layer's query, key and value projections, each [batch, seq, width]
+    teacher_qkv: Sequence[Tensor] = ()
+    relation_heads: int = 1
     temperature: float = 1.0
 
 
@@ -33,7 +37,7 @@ class LossInputs:
 class LossDef:
     name: str
     fn: Callable[[LossInputs], Tensor]
-    needs: frozenset[str]  # subset of {"logits", "hidden", "attentions", "teacher"}
+    needs: frozenset[str]  # subset of {"logits", "hidden", "attentions", "qkv", "teacher"}
     summary: str
 
 
@@ -68,9 +72,25 @@ def soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
 
 
 def hidden_mse(student: Sequence[Tensor], teacher: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
-    """mean over layer pairs of ||h_s W - h_t||² / width on real tokens (TinyBERT, Jiao et al. 2020).
-    Projections W are applied by the caller; this function is pure."""
+    """mean over layer pairs of ||h_s W - h_t||² / width on real tokens, as TinyBERT (Jiao et al. 2020) writes it.
+    Its scale is the teacher's: a few outlier dimensions of large magnitude (common in pretrained encoders) make
+    most of it. Projections W are applied by the caller; this function is pure."""
     losses = [_masked_mean(((s.float() - t.float()) ** 2).mean(-1), mask) for s, t in zip(student, teacher, strict=True)]
+    return torch.stack(losses).mean()
+
+
+def hidden_mse_normalised(student: Sequence[Tensor], teacher: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
+    """hidden_mse with each dimension's error divided by the teacher's variance of that dimension over the batch's
+    real tokens: the fraction of the teacher's variance the student misses, averaged over dimensions. It does not
+    depend on the teacher's activation magnitudes; 1.0 is what predicting the teacher's mean state scores. A
+    dimension's variance is floored at 1e-3 of the layer's median variance, so near-constant dimensions do
+    not dominate."""
+    losses = []
+    for s, t in zip(student, teacher, strict=True):
+        t = t.float()
+        variance = _masked_variance(t, mask).detach()
+        variance = variance.clamp_min(1e-3 * variance.median().clamp_min(1e-12))
+        losses.append(_masked_mean((((s.float() - t) ** 2) / variance).mean(-1), mask))
     return torch.stack(losses).mean()
 
 
@@ -95,6 +115,35 @@ def attention_kl(student: Sequence[Tensor], teacher: Sequence[Tensor], mask: Ten
         per_row = (t_f * (torch.log(t_f.clamp_min(1e-12)) - s_log)).sum(-1).mean(1)  # [batch, seq]
         losses.append(_masked_mean(per_row, mask))
     return torch.stack(losses).mean()
+
+
+def qkv_relation_kl(student: Sequence[Tensor], teacher: Sequence[Tensor], heads: int,
+                    mask: Tensor | None = None) -> Tensor:
+    """MiniLMv2's self-attention relation distillation (Wang et al. 2021): for each of query, key and value, the
+    scaled dot-product relation softmax(X_r X_r^T / sqrt(d_r)) within each of `heads` relation heads, matched by
+    KL(teacher || student) per query row on real tokens, averaged over heads and the three relations. Relation
+    heads split each side's own width, so teacher and student may differ in width and attention heads."""
+    losses = []
+    for s, t in zip(student, teacher, strict=True):
+        s_log, t_log = _relation_log_probs(s, heads, mask), _relation_log_probs(t, heads, mask)
+        per_row = (t_log.exp() * (t_log - s_log)).sum(-1).mean(1)  # [batch, seq]
+        losses.append(_masked_mean(per_row, mask))
+    return torch.stack(losses).mean()
+
+
+def _relation_log_probs(x: Tensor, heads: int, mask: Tensor | None) -> Tensor:
+    batch, seq, width = x.shape
+    x = x.float().view(batch, seq, heads, width // heads).transpose(1, 2)  # [batch, heads, seq, d_r]
+    scores = x @ x.transpose(-1, -2) / math.sqrt(width // heads)
+    if mask is not None:  # padding is no key: it gets no probability on either side
+        scores = scores.masked_fill(~mask.bool()[:, None, None, :], torch.finfo(scores.dtype).min)
+    return F.log_softmax(scores, dim=-1)
+
+
+def _masked_variance(values: Tensor, mask: Tensor | None) -> Tensor:
+    """Per-dimension variance of [batch, seq, width] values over the real tokens."""
+    flat = values.flatten(0, -2) if mask is None else values[mask.bool()]
+    return flat.var(0, unbiased=False) if flat.shape[0] > 1 else torch.ones_like(flat[0])
 
 
 def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
@@ -122,7 +171,13 @@ def ce(x: LossInputs) -> Tensor:
 
 @register_loss("hidden_mse", needs=["hidden", "teacher"])
 def hidden_mse_loss(x: LossInputs) -> Tensor:
-    """Hidden-state MSE through learned projections, on the layer map (TinyBERT)."""
+    """Hidden-state MSE through learned projections on the layer map, per dimension in units of the teacher's variance."""
+    return hidden_mse_normalised(x.student_hidden, x.teacher_hidden, x.attention_mask)
+
+
+@register_loss("hidden_mse_raw", needs=["hidden", "teacher"])
+def hidden_mse_raw_loss(x: LossInputs) -> Tensor:
+    """Hidden-state MSE through learned projections on the layer map, on the teacher's raw scale (TinyBERT as published)."""
     return hidden_mse(x.student_hidden, x.teacher_hidden, x.attention_mask)
 
 
@@ -136,6 +191,12 @@ def hidden_cos_loss(x: LossInputs) -> Tensor:
 def attention_kl_loss(x: LossInputs) -> Tensor:
     """KL between teacher and student attention distributions, on the layer map (MiniLM)."""
     return attention_kl(x.student_attentions, x.teacher_attentions, x.attention_mask)
+
+
+@register_loss("qkv_relations", needs=["qkv", "teacher"])
+def qkv_relations_loss(x: LossInputs) -> Tensor:
+    """Query/key/value self-attention relations of the last student layer and its mapped teacher layer (MiniLMv2)."""
+    return qkv_relation_kl(x.student_qkv, x.teacher_qkv, x.relation_heads, x.attention_mask)
 
 
 @dataclass

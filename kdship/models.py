@@ -272,3 +272,68 @@ def check_tokenizers_match(teacher_tok: Any, student_tok: Any, student_source: s
         raise ModelError(
             f"student {student_source} uses a different tokenizer than the teacher (vocabularies differ); "
             "distillation needs a shared vocabulary: use a student built for the teacher's tokenizer")
+
+
+QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q_proj", "k_proj", "v_proj"))  # BERT-likes,
+# DistilBERT, Llama-likes: the self-attention's separate query, key and value projections
+
+
+def attention_projections(model: Any, layer: int) -> tuple[Any, Any, Any]:
+    """The query, key and value projection modules of transformer layer `layer` (negative counts from the top):
+    the modules holding all three, one per layer, in the model's order."""
+    per_layer = [found for m in model.modules() for names in QKV_NAMES
+                 if (found := tuple(getattr(m, n, None) for n in names)) and all(f is not None for f in found)]
+    if not per_layer:
+        raise ModelError(f"{type(model).__name__} has no separate query/key/value projections kdship can find (looked "
+                         f"for {', '.join('/'.join(n) for n in QKV_NAMES)}); use attention_kl or hidden losses instead "
+                         "of qkv_relations")
+    return per_layer[layer]
+
+
+@contextlib.contextmanager
+def captured_qkv(model: Any, layer: int) -> Iterator[list[Any]]:
+    """Within the block, each forward call of `model` appends layer `layer`'s query, key and value outputs (each
+    [batch, seq, width]) to the yielded list: what relation distillation matches, which models do not return."""
+    captured: list[Any] = []
+    handles = [m.register_forward_hook(lambda _m, _in, out: captured.append(out))
+               for m in attention_projections(model, layer)]
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def relation_heads(student_config: Any, teacher_config: Any) -> int:
+    """Relation heads for qkv_relations: the teacher's attention heads when they divide the student's width too
+    (MiniLMv2 uses as many as the teacher has), else the largest count that divides both widths' head splits."""
+    import math
+
+    heads = teacher_config.num_attention_heads
+    return heads if student_config.hidden_size % heads == 0 else math.gcd(heads, student_config.hidden_size)
+
+
+@contextlib.contextmanager
+def attention_dropout_off(model: Any) -> Iterator[None]:
+    """Within the block, attention probabilities are not dropped out. Models return their attention maps after
+    dropout, so in training a tenth of each map is zero and the rest scaled by 1/0.9 (BERT's 0.1): an attention loss
+    on those maps has a floor of about 0.1·log(1e12) ≈ 2.8 that no student can go below, and gradients toward a
+    corrupted target. Distillation reads the maps, so it turns that dropout off while they are computed."""
+    from torch import nn
+
+    restore: list[tuple[Any, str, float]] = []
+    for module in model.modules():
+        if not type(module).__name__.endswith("Attention"):
+            continue
+        for name, child in module.named_children():
+            if isinstance(child, nn.Dropout) and child.p:
+                restore.append((child, "p", child.p))
+                child.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float) and module.attention_dropout:
+            restore.append((module, "attention_dropout", module.attention_dropout))
+            module.attention_dropout = 0.0
+    try:
+        yield
+    finally:
+        for owner, attribute, value in restore:
+            setattr(owner, attribute, value)

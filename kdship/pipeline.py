@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from kdship.artifacts import read_record, staged_dir, write_record
 from kdship.config import (PIPELINE_FIELDS, DataConfig, DistillConfig, PipelineConfig, StageConfig, build_config,
                            deep_merge, drop_unset, nest_flat_spellings, read_recipe, to_record)
-from kdship.errors import ConfigError, KdshipError
+from kdship.errors import CheckFailed, ConfigError, KdshipError
 from kdship.loop import START_FLAGS
 from kdship.runtime import Runtime, start_runtime
 
@@ -148,6 +148,9 @@ def distill_recipe(recipe: str | Path | None = None, **overrides: Any) -> dict[s
     from kdship.distill import distill
 
     if not (recipe and STAGES in read_recipe(recipe)):
+        if overrides.pop("keep_going", None):
+            raise ConfigError("--keep-going is for pipeline recipes (a recipe with stages:); a single run has no "
+                              "next stage to keep going to")
         return distill(build_config(DistillConfig, recipe, **overrides))
     overrides = drop_unset(overrides)
     per_stage = [k for k in PER_STAGE if k in overrides]
@@ -185,6 +188,7 @@ def run_pipeline(p: PipelineConfig) -> dict[str, Any]:
                      "teacher": stage.config.teacher, "data": stage.config.data.train,
                      "objective": stage.config.objective, "losses": [s.name for s in stage.config.losses],
                      "metrics": _stage_metrics(result, p)})
+        _stop_if_collapsed(p, stage, result, last=i == len(stages) - 1)
     final = {name: str(Path(p.output) / name) for name in (p.students or ["student"])}
     record = {"command": "distill-pipeline", "config": to_record(p), "stages": done, "final": final}
     if runtime.is_main:
@@ -201,6 +205,20 @@ def _check_same_settings(stage: Stage, finished: dict[str, Any]) -> None:
         differing = sorted(k for k in now if now.get(k) != then.get(k))
         raise ConfigError(f"stage {stage.spec.name!r} was finished with other settings ({', '.join(differing)}); "
                           "pass --overwrite to run the pipeline again from the start")
+
+
+def _stop_if_collapsed(p: PipelineConfig, stage: Stage, result: dict[str, Any], last: bool) -> None:
+    """A stage whose student collapsed gives the next stage nothing to build on: the pipeline stops there (its
+    output kept, for a look or a --resume after a fix) unless --keep-going."""
+    records = ({name: read_record(Path(result["output"]) / name) or {} for name in p.students} if p.students
+               else {"student": result})
+    collapsed = {name: r["checks"]["findings"] for name, r in records.items() if r.get("checks", {}).get("collapsed")}
+    if not collapsed or last or p.keep_going:
+        return
+    why = "; ".join(f"{name}: {', '.join(found)}" for name, found in collapsed.items())
+    raise CheckFailed(f"stage {stage.spec.name!r} ended with a collapsed student ({why}), so the pipeline stopped "
+                      f"there ({stage.config.output}); fix that stage in the recipe (learning rate, steps, losses) and "
+                      "rerun with --resume, or pass --keep-going")
 
 
 def _stage_metrics(result: dict[str, Any], p: PipelineConfig) -> dict[str, Any]:

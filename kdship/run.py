@@ -18,9 +18,10 @@ from kdship.biencoder import embed_pairs, retrieval_metrics
 from kdship.config import RunConfig
 from kdship.data import Encoded, TextTable, encode_labels, label_names_from_data, load_table, tokenize
 from kdship.errors import ConfigError, ModelError
-from kdship.evaluate import classification_metrics, mlm_loss, predict_logits
+from kdship.evaluate import mlm_loss, predict_logits
 from kdship.loop import LoopState, best_dir, run_dir_for_output
 from kdship.runtime import Runtime, seed_everything, start_runtime
+from kdship.sanity import Baseline, checks_record, findings, warn
 from kdship.trainee import Trainee
 
 
@@ -51,6 +52,13 @@ class RunData:
     eval_table: TextTable | None
     label_names: list[str] | None
     max_length: int
+
+    @property
+    def baseline(self) -> Baseline | None:
+        """What a classifier that learned nothing scores on the eval set (None without labelled eval data)."""
+        if self.eval is None or self.eval.labels is None or not self.label_names:
+            return None
+        return Baseline.of(list(self.eval.labels), self.label_names)
 
     def record(self) -> dict[str, Any]:
         tables = {"train": self.train_table, "eval": self.eval_table}
@@ -127,10 +135,21 @@ def evaluation_for(cfg: RunConfig, model: nn.Module, tokenizer: Any, data: RunDa
     labels = torch.tensor(data.eval.labels)
 
     def accuracy() -> dict[str, float]:
-        logits = predict_logits(model, tokenizer, data.eval, cfg.eval_batch_size, device, autocast)
-        return {"accuracy": classification_metrics(logits, labels, data.label_names)["accuracy"]}
+        top = predict_logits(model, tokenizer, data.eval, cfg.eval_batch_size, device, autocast).argmax(-1)
+        metrics = label_metrics(top, labels)
+        warn("the model", findings(metrics, data.baseline))
+        return metrics
 
     return Evaluation(accuracy, "accuracy")
+
+
+def label_metrics(top: torch.Tensor, labels: torch.Tensor, teacher_top: torch.Tensor | None = None) -> dict[str, float]:
+    """Accuracy of top choices, their agreement with the teacher's, and the share of the most predicted class (1.0:
+    one answer for everything)."""
+    metrics = {"accuracy": top.eq(labels).float().mean().item()}
+    if teacher_top is not None:
+        metrics["agreement"] = top.eq(teacher_top).float().mean().item()
+    return metrics | {"top_prediction_share": top.bincount().max().item() / max(len(top), 1)}
 
 
 def trainee_metrics(entry: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -162,11 +181,15 @@ def final_weights(run_dir: Path, state: LoopState, trainee: Trainee, runtime: Ru
     return last
 
 
-def output_record(state: LoopState, trainee: Trainee, record: dict[str, Any]) -> dict[str, Any]:
-    """The record with the trainee's metrics at its best step and its evaluation history."""
+def output_record(state: LoopState, trainee: Trainee, record: dict[str, Any],
+                  baseline: Baseline | None = None) -> dict[str, Any]:
+    """The record with the trainee's metrics at its best step, its evaluation history, and whether those metrics
+    look collapsed (against `baseline`, the eval set's majority class)."""
     best_step = state.best.get(trainee.name, {}).get("step")
     metrics = next((trainee_metrics(h, trainee.prefix) for h in state.history if h["step"] == best_step), {})
-    return {**record, "metrics": metrics, "history": [trainee_metrics(h, trainee.prefix) for h in state.history]}
+    checks = checks_record(metrics, baseline)
+    return {**record, "metrics": metrics, "history": [trainee_metrics(h, trainee.prefix) for h in state.history],
+            **({"checks": checks} if checks else {})}
 
 
 def write_model_folder(folder: Path, weights: Path, tokenizer: Any, record: dict[str, Any]) -> None:
@@ -177,10 +200,11 @@ def write_model_folder(folder: Path, weights: Path, tokenizer: Any, record: dict
 
 
 def write_output(output: Path, run_dir: Path, state: LoopState, trainee: Trainee, tokenizer: Any,
-                 record: dict[str, Any], overwrite: bool, runtime: Runtime) -> dict[str, Any]:
+                 record: dict[str, Any], overwrite: bool, runtime: Runtime,
+                 baseline: Baseline | None = None) -> dict[str, Any]:
     """One model's output folder, written atomically by rank 0."""
     weights = final_weights(run_dir, state, trainee, runtime)
-    record = output_record(state, trainee, record)
+    record = output_record(state, trainee, record, baseline)
     if runtime.is_main:
         with staged_dir(output, overwrite=overwrite) as tmp:
             write_model_folder(tmp, weights, tokenizer, record)

@@ -55,7 +55,8 @@ def _train(cfg: TrainConfig, runtime: Runtime, run_dir: Path) -> dict[str, Any]:
               "model": {"source": cfg.model or cfg.init, "parameters": trainee.parameter_count()},
               "training": training_summary(state, trainee, runtime, cfg.batch_size, cfg.grad_accum),
               **technique_records(techniques, runtime)}
-    return write_output(Path(cfg.output), run_dir, state, trainee, tokenizer, record, cfg.overwrite, runtime)
+    return write_output(Path(cfg.output), run_dir, state, trainee, tokenizer, record, cfg.overwrite, runtime,
+                        data.baseline)
 
 
 def _tokenizer_for(cfg: TrainConfig, run_dir: Path, runtime: Runtime) -> Any:

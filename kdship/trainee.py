@@ -14,10 +14,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdship.models import attention_dropout_off, captured_qkv
 from kdship.runtime import Runtime, full_state_dict, is_sharded
 
 HIDDEN = "hidden_states"
 ATTENTIONS = "attentions"
+QKV = "qkv"  # the last layer's query, key and value projections (relation distillation)
 LOSS_WINDOW = 5  # steps averaged for the first and the last loss in kdship.json
 
 
@@ -50,9 +52,13 @@ class TrainedModule(nn.Module):
     def forward(self, inputs: dict[str, Tensor], outputs: frozenset[str] = frozenset()) -> tuple[Any, dict[str, Any]]:
         """The model's output with the extra outputs asked for (hidden states, attentions, head names)."""
         heads = [name for name in self.heads if name in outputs]
-        out = self.model(**inputs, output_hidden_states=HIDDEN in outputs or bool(heads),
-                         output_attentions=ATTENTIONS in outputs)
-        return out, {name: self.heads[name](out) for name in heads}
+        with contextlib.ExitStack() as stack:
+            qkv = stack.enter_context(captured_qkv(self.model, -1)) if QKV in outputs else []
+            if ATTENTIONS in outputs:  # maps read by a loss: the real probabilities, not their dropped-out copy
+                stack.enter_context(attention_dropout_off(self.model))
+            out = self.model(**inputs, output_hidden_states=HIDDEN in outputs or bool(heads),
+                             output_attentions=ATTENTIONS in outputs)
+        return out, {name: self.heads[name](out) for name in heads} | ({QKV: qkv} if QKV in outputs else {})
 
 
 class RegionTimer:
