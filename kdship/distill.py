@@ -77,9 +77,14 @@ def student_sources(cfg: DistillConfig, family: str) -> dict[str, str]:
     return {"student": expand_shorthand(cfg.student, family)}
 
 
-def _student(cfg: DistillConfig, name: str, source: str, head: str, teacher: nn.Module, tokenizer: Any,
-             label_names: list[str] | None, eager: bool, prefix: str) -> Trainee:
-    tcfg = teacher.config
+def _copies_teacher_layers(cfg: DistillConfig, source: str, tcfg: Any) -> bool:
+    """Whether this student starts from the teacher's layers (a shape spec of the teacher's width)."""
+    return is_shape_spec(source) and cfg.init_from_teacher and config_from_spec(source, base=tcfg).hidden_size == \
+        tcfg.hidden_size
+
+
+def _student(cfg: DistillConfig, name: str, source: str, head: str, tcfg: Any, teacher: nn.Module | None,
+             tokenizer: Any, label_names: list[str] | None, eager: bool, prefix: str) -> Trainee:
     if is_shape_spec(source):
         config = config_from_spec(source, base=tcfg)
         student = build_model(head, config=config, label_names=label_names, attn_eager=eager,
@@ -96,9 +101,7 @@ def _student(cfg: DistillConfig, name: str, source: str, head: str, teacher: nn.
         student = build_model(head, source=source, label_names=label_names, attn_eager=eager,
                               match_loss=cfg.match_loss)
     layer_map = _layer_map(cfg, student.config.num_hidden_layers, tcfg.num_hidden_layers)
-    copied = 0
-    if is_shape_spec(source) and cfg.init_from_teacher and student.config.hidden_size == tcfg.hidden_size:
-        copied = init_from_teacher(student, teacher, layer_map)
+    copied = init_from_teacher(student, teacher, layer_map) if _copies_teacher_layers(cfg, source, tcfg) else 0
     return Trainee(name, student, prefix=prefix, details={"name": name, "source": source, "layer_map": layer_map,
                                                           "tensors_copied_from_teacher": copied})
 
@@ -127,7 +130,7 @@ class Teacher:
     logits computed once before training when that is all the losses read (`cache`). Without a loss that reads
     it there is no teacher model at all (`model` None) and `outputs` is None."""
 
-    def __init__(self, model: nn.Module | None, source: str, parameters: int, wants: frozenset[str],
+    def __init__(self, model: nn.Module | None, source: str, parameters: int | None, wants: frozenset[str],
                  qkv_layers: frozenset[int], cache: torch.Tensor | None):
         self.model, self.source, self.parameters, self.wants = model, source, parameters, wants
         self.qkv_layers, self.cache = qkv_layers, cache
@@ -200,16 +203,16 @@ def _build_run(cfg: DistillConfig, tconfig: Any, runtime: Runtime) -> DistillRun
     head = head_for(cfg, tconfig)
     tokenizer = load_tokenizer(cfg.teacher, "teacher")
     label_names = task_label_names(head, tconfig) if head != "match" or cfg.labelled else None
-    teacher = build_model(head, source=cfg.teacher, attn_eager=eager, match_loss=cfg.match_loss)
-    parameters = sum(p.numel() for p in teacher.parameters())
     sources = student_sources(cfg, tconfig.model_type)
+    # the teacher's weights are loaded when a loss reads its outputs or a student starts from its layers; with hard
+    # labels alone it gives the students its vocabulary and labels and is never run
+    weights_read = "teacher" in needs or any(_copies_teacher_layers(cfg, s, tconfig) for s in sources.values())
+    teacher = build_model(head, source=cfg.teacher, attn_eager=eager, match_loss=cfg.match_loss) if weights_read else None
+    parameters = sum(p.numel() for p in teacher.parameters()) if teacher is not None else None
     prefix = lambda name: f"{name}/" if cfg.students is not None else ""  # noqa: E731
-    trainees = [_student(cfg, name, source, head, teacher, tokenizer, label_names, eager, prefix(name))
+    trainees = [_student(cfg, name, source, head, tconfig, teacher, tokenizer, label_names, eager, prefix(name))
                 for name, source in sources.items()]  # copied from the teacher before it is sharded
-    if "teacher" not in needs:  # e.g. hard labels only: the teacher gave its layers and vocabulary, nothing more
-        teacher = None
-    else:
-        teacher = runtime.frozen_module(teacher, cfg.teacher_sharding)
+    teacher = runtime.frozen_module(teacher, cfg.teacher_sharding) if "teacher" in needs else None
     data = load_run_data(cfg, tokenizer, label_names if cfg.labelled else None,
                          max_tokens(cfg.data.max_length, tconfig, *(t.model.config for t in trainees)))
     wants = frozenset({HIDDEN} if "hidden" in needs else set()) | ({ATTENTIONS} if eager else set())

@@ -86,13 +86,19 @@ def test_relation_distillation_runs_and_its_loss_falls(teacher_dir, data_dir, tm
     assert training["loss_last"] < 0.8 * training["loss_first"]
 
 
-def test_hard_labels_alone_neither_run_nor_cache_the_teacher(teacher_dir, data_dir, tmp_path):
-    result = kdship_ok("distill", "--teacher", teacher_dir, "--student", "bert:layers=1", "--data",
-                       data_dir / "train.tsv", "--loss", "ce:1", "--max-steps", 4, "--batch-size", 16,
+def test_hard_labels_alone_neither_run_nor_cache_the_teacher(teacher_dir, data_dir, tmp_path, monkeypatch):
+    import kdship.distill
+
+    loaded = []
+    build = kdship.distill.build_model
+    monkeypatch.setattr(kdship.distill, "build_model", lambda *a, **kw: loaded.append(kw.get("source")) or build(*a, **kw))
+    result = kdship_ok("distill", "--teacher", teacher_dir, "--student", "bert:layers=1,hidden=16,heads=2,ffn=32",
+                       "--data", data_dir / "train.tsv", "--loss", "ce:1", "--max-steps", 4, "--batch-size", 16,
                        "-o", tmp_path / "hard")
     training = json.loads((tmp_path / "hard" / "kdship.json").read_text())["training"]
     assert training["teacher_read"] is False and training["teacher_cache"] is False
     assert training["teacher_forward_calls"] == 0 and "teacher cached" not in result.output
+    assert str(teacher_dir) not in map(str, loaded)  # a random student of its own width: the teacher not even loaded
 
 
 def test_findings_name_the_majority_class_and_a_single_answer():
