@@ -153,10 +153,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 def _checks(result: dict[str, Any], top: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict[str, Any]:
     """Whether the student looks collapsed on this data, and notes on figures that need a second look (each also
     printed as a warning)."""
-    from kdship.sanity import Baseline, checks_record, retention_note, warn
+    from kdship.sanity import Baseline, checks_record, retention_note, top_prediction_share, warn
 
-    metrics = {"accuracy": result["student"]["accuracy"],
-               "top_prediction_share": top.bincount().max().item() / max(len(top), 1)}
+    metrics = {"accuracy": result["student"]["accuracy"], "top_prediction_share": top_prediction_share(top)}
     if "comparison" in result:
         metrics["agreement"] = result["comparison"]["agreement"]
     checks = checks_record(metrics, Baseline.of(labels.tolist(), names))

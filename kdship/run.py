@@ -21,7 +21,7 @@ from kdship.errors import ConfigError, ModelError
 from kdship.evaluate import mlm_loss, predict_logits
 from kdship.loop import LoopState, best_dir, run_dir_for_output
 from kdship.runtime import Runtime, seed_everything, start_runtime
-from kdship.sanity import Baseline, checks_record, findings, warn
+from kdship.sanity import Baseline, checks_record, findings, top_prediction_share, warn
 from kdship.trainee import Trainee
 
 
@@ -149,7 +149,7 @@ def label_metrics(top: torch.Tensor, labels: torch.Tensor, teacher_top: torch.Te
     metrics = {"accuracy": top.eq(labels).float().mean().item()}
     if teacher_top is not None:
         metrics["agreement"] = top.eq(teacher_top).float().mean().item()
-    return metrics | {"top_prediction_share": top.bincount().max().item() / max(len(top), 1)}
+    return metrics | {"top_prediction_share": top_prediction_share(top)}
 
 
 def trainee_metrics(entry: dict[str, Any], prefix: str = "") -> dict[str, Any]:

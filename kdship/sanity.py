@@ -34,6 +34,11 @@ class Baseline:
         return Baseline(count / len(labels), str(label_names[label]), 1.0 / len(label_names))
 
 
+def top_prediction_share(top: Any) -> float:
+    """The share of the most predicted class among top choices (a tensor of class ids): 1.0 is one answer for all."""
+    return top.bincount().max().item() / max(len(top), 1)
+
+
 def findings(metrics: dict[str, Any], baseline: Baseline | None) -> list[str]:
     """Why these classification metrics look collapsed (empty when they do not)."""
     if baseline is None or "accuracy" not in metrics:
