@@ -3,7 +3,7 @@ sizes, from one `kdship export` run (speed is bench_sst2.py's job).
 
     python benchmarks/export_sst2.py --student runs/progressive/a_task_kd_only/student [--work runs/export-sst2]
 
-The student comes from sst2_kd.py / progressive_sst2.py (--keep). Writes benchmarks/results/export_sst2.json."""
+The student comes from sst2_kd.py / multi_student_sst2.py (--keep). Writes benchmarks/results/export_sst2.json."""
 
 from __future__ import annotations
 

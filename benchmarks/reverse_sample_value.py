@@ -1,44 +1,27 @@
-"""Reverse distillation and sample-value selection, each against the same run without it.
+"""The reverse-distillation and sample-value runs of benchmarks/seed_claims.py (parts c and d, sized there), each
+against the same run without the technique:
 
 (1) masked-LM pre-training of a larger model from scratch, with and without reverse warm-up from a smaller model
     trained first: steps (and wall time) to reach a target eval MLM loss, and the loss at equal steps;
-(2) fine-tuning MiniLM on SST-2 with and without sample-value selection (a small fine-tuned model scores samples):
-    steps to reach a target dev accuracy, and final accuracy;
-(3) a dual-tower (bi-encoder) matching model trained from scratch with in-batch negatives, with and without reverse
+(2) a dual-tower (bi-encoder) matching model trained from scratch with in-batch negatives, with and without reverse
     warm-up from a smaller bi-encoder trained first; pairs are the two halves of IMDB reviews (which half belongs to
-    which review), scored by recall@1 among 1,000 held-out pairs.
-Ratios are reported as they come out, whichever way.
-
-    python benchmarks/reverse_sample_value.py --minilm /path/to/minilm [--quick] [--work runs/reverse]"""
+    which review), scored by recall@1 among 1,000 held-out pairs;
+(3) fine-tuning MiniLM on SST-2 with and without sample-value selection (a small fine-tuned model scores samples):
+    steps to a target dev accuracy, and final accuracy.
+Ratios are reported as they come out, whichever way."""
 
 from __future__ import annotations
 
-import argparse
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from common import SHARED, device_name, write_result
+from common import SHARED
 
 from kdship.artifacts import read_record
 from kdship.config import DistillConfig, TrainConfig
 from kdship.distill import distill
 from kdship.train import train
-
-
-def sizes(quick: bool) -> dict[str, Any]:
-    if quick:  # CPU-sized: an 8,000-token WordPiece vocabulary trained on the corpus keeps the MLM head small
-        # MLM from scratch sits on the unigram plateau (loss ~7.3) for the first few hundred steps: the small model
-        # gets 3,000 steps so it has something beyond unigram statistics to pass on
-        return {"small": "bert:layers=2,hidden=128,heads=2,ffn=512", "large": "bert:layers=4,hidden=256,heads=4,ffn=1024",
-                "small_steps": 3000, "large_steps": 1500, "reverse_steps": 675, "mlm_eval_every": 50, "corpus": 100000,
-                "eval_every": 25, "sst2_train": 4000, "finetune_steps": 200, "pairs": 12000, "match_steps": 600,
-                "batch": 32}
-    return {"small": "bert:layers=4,hidden=312,heads=12,ffn=1200", "large": "bert:layers=12,hidden=768,heads=12,ffn=3072",
-            "small_steps": 20000, "large_steps": 20000, "reverse_steps": 9000, "mlm_eval_every": 500, "corpus": None,
-            "eval_every": 500, "sst2_train": None, "finetune_steps": 4000, "pairs": 49000, "match_steps": 6000,
-            "batch": 64}
 
 
 def first_step_reaching(history: list[dict[str, Any]], key: str, target: float, higher: bool) -> int | None:
@@ -91,13 +74,11 @@ def reverse_warmup(s: dict[str, Any], work: Path) -> dict[str, Any]:
     return {"small_model_mlm_loss": small_loss, **compare_runs(runs, "mlm_loss", target, False, "plain")}
 
 
-def sample_value(s: dict[str, Any], minilm: Path, work: Path) -> dict[str, Any]:
+def sample_value(s: dict[str, Any], minilm: Path, teacher: Path, work: Path) -> dict[str, Any]:
+    """`teacher`: MiniLM fine-tuned on the same SST-2 subset, distilled into the small model that scores."""
     sst2 = SHARED / "data" / "sst2"
     data = {"train": str(sst2 / "train.tsv"), "eval": str(sst2 / "dev.tsv"), "max_length": 64,
             "max_train_samples": s["sst2_train"]}
-    teacher = work / "minilm-sst2"
-    train(TrainConfig(model=str(minilm), data=data, epochs=1, batch_size=32, lr=5e-5, output=str(teacher),
-                      overwrite=True))
     small = work / "small-sst2"  # 2 of the teacher's layers, distilled: the small fine-tuned model that scores
     distill(DistillConfig(teacher=str(teacher), student="bert:layers=2", data=data, max_steps=s["finetune_steps"],
                           batch_size=32, lr=1e-4, output=str(small), overwrite=True))
@@ -148,26 +129,3 @@ def reverse_matching(s: dict[str, Any], minilm: Path, work: Path) -> dict[str, A
     small_recall = read_record(small)["metrics"]["recall_at_1"]
     target = min(small_recall, max(h["recall_at_1"] for h in runs["plain"][0]["history"]))
     return {"small_model_recall_at_1": small_recall, **compare_runs(runs, "recall_at_1", target, True, "plain")}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minilm", type=Path, required=True)
-    parser.add_argument("--work", type=Path, default=Path("runs/reverse"))
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    s = sizes(args.quick)
-    args.work.mkdir(parents=True, exist_ok=True)
-    results = {"reverse_warmup_mlm": reverse_warmup(s, args.work),
-               "reverse_warmup_matching": reverse_matching(s, args.minilm, args.work),
-               "sample_value_selection": sample_value(s, args.minilm, args.work)}
-    for part, r in results.items():
-        print(part, {k: v for k, v in r.items() if not isinstance(v, dict)})
-    path = write_result("reverse_sample_value_quick" if args.quick else "reverse_sample_value",
-                        {"settings": {**s, "quick": args.quick}, "results": results})
-    print(f"wrote {path} ({device_name()})")
-    shutil.rmtree(args.work, ignore_errors=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -16,6 +16,8 @@ from torch import Tensor
 
 from kdship.errors import ConfigError
 
+VARIANCE_FLOOR = 0.1  # hidden_mse: no dimension's variance counts as less than this fraction of its layer's median
+
 
 @dataclass
 class LossInputs:
@@ -83,13 +85,15 @@ def hidden_mse_normalised(student: Sequence[Tensor], teacher: Sequence[Tensor], 
     """hidden_mse with each dimension's error divided by the teacher's variance of that dimension over the batch's
     real tokens: the fraction of the teacher's variance the student misses, averaged over dimensions. It does not
     depend on the teacher's activation magnitudes; 1.0 is what predicting the teacher's mean state scores. A
-    dimension's variance is floored at 1e-3 of the layer's median variance, so near-constant dimensions do
-    not dominate."""
+    dimension's variance is floored at a tenth of the layer's median variance: a dimension the teacher holds
+    near-constant (fine-tuned sentence encoders have some at 1e-7) is a constant the projection's bias learns,
+    and divided by its own variance it would outweigh every other dimension and, through gradient clipping,
+    the prediction losses beside it (measured at init: gradient norm 38 at a 1e-3 floor vs 2.2 at 0.1, kd 1.0)."""
     losses = []
     for s, t in zip(student, teacher, strict=True):
         t = t.float()
         variance = _masked_variance(t, mask).detach()
-        variance = variance.clamp_min(1e-3 * variance.median().clamp_min(1e-12))
+        variance = variance.clamp_min(VARIANCE_FLOOR * variance.median().clamp_min(1e-12))
         losses.append(_masked_mean((((s.float() - t) ** 2) / variance).mean(-1), mask))
     return torch.stack(losses).mean()
 

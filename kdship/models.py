@@ -214,10 +214,11 @@ def build_model(objective: str, source: str | None = None, config: Any = None, l
             for key, value in kwargs.items():
                 setattr(config, "_attn_implementation" if key == "attn_implementation" else key, value)
             model = auto.from_config(config)
-            # what from_pretrained would read back: a model built here is known as a classifier at once
-            model.config.architectures = [type(model).__name__]
         else:
             model = auto.from_pretrained(source, **kwargs)
+        # what save_pretrained writes and a reload reads back: a classifier head added here (to a bare encoder, or a
+        # fresh config) is known as one at once, by the checks that compare its labels with another model's
+        model.config.architectures = [type(model).__name__]
         if hasattr(model.config, SETTINGS_KEY):  # a classifier or MLM made from a bi-encoder is no bi-encoder
             delattr(model.config, SETTINGS_KEY)
         return model

@@ -161,3 +161,15 @@ def test_a_pipeline_stops_at_a_collapsed_stage_unless_told_to_keep_going(teacher
     single = kdship("distill", "--teacher", teachers / "finetuned", "--student", student, "--keep-going",
                     "--data", data_dir / "train.tsv", "-o", tmp_path / "single")
     assert single.exit_code == 2 and "--keep-going is for pipeline recipes" in single.output
+
+
+def test_a_dimension_the_teacher_holds_constant_does_not_outweigh_the_others():
+    """Fine-tuned sentence encoders have dimensions of variance ~1e-7; an offset there is a constant the projection's
+    bias learns, and must not weigh like a whole layer's error (at a 1e-3 floor it weighed 100x this bound)."""
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 8, 16)
+    teacher[..., 0] = 0.5 + 1e-4 * torch.randn(2, 8)
+    student = teacher.clone()
+    student[..., 0] += 0.1
+    loss = hidden_mse_normalised([student], [teacher], torch.ones(2, 8))
+    assert loss.item() < 0.01  # 0.1² / (a tenth of the median variance ~1) / 16 dimensions = 0.006

@@ -160,6 +160,19 @@ def test_sample_value_selection_end_to_end(data_dir, teacher_dir, small_model, t
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_selection_while_fine_tuning_a_bare_encoder(data_dir, teacher_dir, small_model, tmp_path):
+    """A pretrained encoder without a classifier head (as sentence-transformers ship them) gets its head from the
+    data's labels; the scoring model's labels are compared with those, not with the head it did not have."""
+    from transformers import AutoModel, AutoTokenizer
+
+    bare = tmp_path / "bare"
+    AutoModel.from_pretrained(teacher_dir).save_pretrained(bare)  # architectures: BertModel
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(bare)
+    kdship_ok("train", "--model", bare, "--data", data_dir / "train.tsv", "--batch-size", 8, "--max-steps", 4,
+              "--select-by", small_model, "-o", tmp_path / "selected")
+    assert json.loads((tmp_path / "selected" / "kdship.json").read_text())["selection"]["selected"] == 4 * 8
+
+
 def test_reverse_and_selection_bad_inputs(data_dir, teacher_dir, small_model, tmp_path):
     other = tmp_path / "other-vocab"
     corpus = tmp_path / "other.tsv"

@@ -1,15 +1,13 @@
-"""Progressive vs direct distillation on SST-2, multi-student vs separate runs, and general distillation's
-masked-LM perplexity. Everything goes through kdship's own library calls; one JSON with the device named.
+"""Multi-student distillation vs separate runs on SST-2, and general distillation's masked-LM perplexity.
+(Progressive and general -> task against task KD alone: seed_claims.py.) Everything goes through kdship's own
+library calls; one JSON with the device named.
 
-Pairs (see ../shared/README.md):
-- MiniLM (default): generic teacher = all-MiniLM-L6-v2 as shipped (a bare encoder: feature objectives only),
-  fine-tuned teacher = the same after SST-2 fine-tuning; student 4L-312 (random init).
-  For the same total steps: (a) task KD only, (b) general -> task, (c) the 4-stage progressive recipe
-  (pipelines/progressive.yaml's scheme), and multi-student (4L-312 + 6L-768 in one pass) vs two separate runs.
+- Multi-student: the MiniLM-L6 teacher fine-tuned on SST-2; 4L-312 + 6L-768 students in one teacher pass vs two
+  separate runs.
 - MLM: a small masked-LM teacher trained on ../shared/data/corpus/general, a student general-distilled from it
   (objective mlm), and both models' masked-LM perplexity on ../shared/data/wikitext2/wiki.valid.tokens.
 
-    python benchmarks/progressive_sst2.py --minilm /path/to/minilm [--quick] [--work runs/progressive]
+    python benchmarks/multi_student_sst2.py --minilm /path/to/minilm [--quick] [--work runs/multi_student]
 
 --quick sizes everything for a 2-core CPU (subsampled SST-2, few hundred steps); without it, GPU-sized."""
 
@@ -24,14 +22,12 @@ from typing import Any
 
 from common import SHARED, device_name, write_result
 
-from kdship.config import DistillConfig, EvalConfig, PipelineConfig, TrainConfig
+from kdship.config import DistillConfig, EvalConfig, TrainConfig
 from kdship.distill import distill
 from kdship.evaluate import evaluate
-from kdship.pipeline import run_pipeline
 from kdship.train import train
 
 STUDENT = "bert:layers=4,hidden=312,heads=12,ffn=1248"
-FEATURES = [{"name": "hidden_mse"}, {"name": "attention_kl"}]
 TASK_KD = [{"name": "kd", "weight": 0.5}, {"name": "ce", "weight": 0.5}]
 
 
@@ -58,41 +54,6 @@ def accuracy(student: Path, teacher: Path, data: dict[str, Any]) -> dict[str, fl
     report = evaluate(EvalConfig(teacher=str(teacher), student=str(student), data=data))
     return {"accuracy": report["student"]["accuracy"], "teacher_accuracy": report["teacher"]["accuracy"],
             **report["comparison"]}
-
-
-def run_stages(name: str, stages: list[dict[str, Any]], teachers: dict[str, str], s: dict[str, Any],
-               work: Path) -> tuple[Path, float]:
-    started = time.perf_counter()
-    cfg = PipelineConfig(output=str(work / name), student=STUDENT, teachers=teachers,
-                         datasets={"generic": generic_data(s), "task": task_data(s)},
-                         common={"batch_size": s["batch"], "lr": 1e-4, "warmup_ratio": 0.1, "save_every": 1000},
-                         stages=stages, overwrite=True)
-    run_pipeline(cfg)
-    return work / name / "student", time.perf_counter() - started
-
-
-def progressive_comparison(s: dict[str, Any], teachers: dict[str, str], work: Path) -> dict[str, Any]:
-    total = s["total_steps"]
-    task = {"teacher": "finetuned", "data": "task", "objective": "classify", "losses": TASK_KD}
-    feats = {"objective": "features", "losses": FEATURES}
-    schemes = {
-        "a_task_kd_only": [{"name": "task", **task, "max_steps": total}],
-        "b_general_then_task": [
-            {"name": "general", "teacher": "generic", "data": "generic", **feats, "max_steps": total // 2},
-            {"name": "task", **task, "max_steps": total // 2, "allow_multi_change": True}],
-        "c_progressive_4_stage": [
-            {"name": "general", "teacher": "generic", "data": "generic", **feats, "max_steps": total // 4},
-            {"name": "finetuned-teacher", "teacher": "finetuned", "data": "generic", **feats, "max_steps": total // 4},
-            {"name": "task-data", "teacher": "finetuned", "data": "task", **feats, "max_steps": total // 4},
-            {"name": "task", **task, "max_steps": total // 4}],
-    }
-    results = {}
-    for name, stages in schemes.items():
-        student, seconds = run_stages(name, stages, teachers, s, work)
-        results[name] = {**accuracy(student, Path(teachers["finetuned"]), task_data(s)), "seconds": seconds,
-                         "stages": [st["name"] for st in stages], "total_steps": total}
-        print(f"{name}: accuracy {results[name]['accuracy']:.4f} retention {results[name]['retention']:.2%}")
-    return results
 
 
 def multi_vs_separate(s: dict[str, Any], teacher: str, work: Path) -> dict[str, Any]:
@@ -147,7 +108,7 @@ def mlm_perplexity(s: dict[str, Any], minilm: Path, work: Path) -> dict[str, Any
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minilm", type=Path, required=True, help="folder from ../shared/get-minilm.sh")
-    parser.add_argument("--work", type=Path, default=Path("runs/progressive"))
+    parser.add_argument("--work", type=Path, default=Path("runs/multi_student"))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the models (export_sst2.py can use them)")
     args = parser.parse_args()
@@ -156,12 +117,10 @@ def main() -> None:
     finetuned = args.work / "minilm-sst2"
     train(TrainConfig(model=str(args.minilm), data=task_data(s), epochs=s["teacher_epochs"], batch_size=32, lr=5e-5,
                       output=str(finetuned), overwrite=True))
-    teachers = {"generic": str(args.minilm), "finetuned": str(finetuned)}
-    results = {"progressive": progressive_comparison(s, teachers, args.work),
-               "multi_student": multi_vs_separate(s, str(finetuned), args.work),
+    results = {"multi_student": multi_vs_separate(s, str(finetuned), args.work),
                "mlm_general_distillation": mlm_perplexity(s, args.minilm, args.work)}
     print(results)
-    path = write_result("progressive_sst2_quick" if args.quick else "progressive_sst2",
+    path = write_result("multi_student_sst2_quick" if args.quick else "multi_student_sst2",
                         {"settings": {**s, "student": STUDENT, "quick": args.quick}, "results": results})
     print(f"wrote {path} ({device_name()})")
     if not args.keep:
