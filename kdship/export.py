@@ -18,6 +18,7 @@ from kdship.config import ExportConfig, to_record
 from kdship.data import encode_labels, load_table
 from kdship.errors import CheckFailed, ConfigError, DataError, KdshipError, ModelError
 from kdship.manifest import MANIFEST
+from kdship.tokenizer import max_positions_of, save_tokenizer
 
 
 
@@ -141,7 +142,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
             raise CheckFailed(f"parity failed for {', '.join(failed)} (see the table); no artifact written. Fix the "
                               "model or pass --allow-mismatch to write it anyway (recorded in the manifest)")
         model.config.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        save_tokenizer(tokenizer, out, max_positions_of(out))
         if (Path(cfg.student) / RECORD_NAME).exists():
             shutil.copy2(Path(cfg.student) / RECORD_NAME, out / RECORD_NAME)
         manifest = _manifest(cfg, out, order, ctx, parity, record, max_length)

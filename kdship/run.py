@@ -22,6 +22,7 @@ from kdship.evaluate import mlm_loss, predict_logits
 from kdship.loop import LoopState, best_dir, run_dir_for_output
 from kdship.runtime import Runtime, seed_everything, start_runtime
 from kdship.sanity import Baseline, checks_record, findings, top_prediction_share, warn
+from kdship.tokenizer import max_positions_of, save_tokenizer
 from kdship.trainee import Trainee
 
 
@@ -195,7 +196,7 @@ def output_record(state: LoopState, trainee: Trainee, record: dict[str, Any],
 def write_model_folder(folder: Path, weights: Path, tokenizer: Any, record: dict[str, Any]) -> None:
     """Weights, tokenizer and kdship.json into `folder` (a staged folder: rank 0 only)."""
     shutil.copytree(weights, folder, dirs_exist_ok=True)
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder, max_positions_of(folder))
     write_record(folder, record)
 
 

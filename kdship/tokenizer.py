@@ -1,8 +1,11 @@
-"""Train a BERT-style WordPiece tokenizer on the run's own texts, for models made from a shape spec (no hub)."""
+"""Train a BERT-style WordPiece tokenizer on the run's own texts, for models made from a shape spec (no hub), and
+save any tokenizer so that other tools load it."""
 
 from __future__ import annotations
 
-from typing import Iterable
+import json
+from pathlib import Path
+from typing import Any, Iterable
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -27,3 +30,27 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int):
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
         mask_token="[MASK]", model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     )
+
+
+# transformers 5 names the class of a tokenizer built from a `tokenizers` object "TokenizersBackend", a name that
+# transformers 4 and Optimum cannot resolve; PreTrainedTokenizerFast is the same thing under a name both know
+PORTABLE_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def save_tokenizer(tokenizer: Any, folder: Path, max_positions: int | None) -> None:
+    """save_pretrained, so that transformers 4.x and 5.x and Optimum load the folder: a class name they all know,
+    and `model_max_length` from the model's positions (unset, it is 1e30, and `truncation=True` in a
+    transformers pipeline lets a long text through to crash the position embeddings)."""
+    if max_positions and not tokenizer.model_max_length <= max_positions:
+        tokenizer.model_max_length = max_positions
+    tokenizer.save_pretrained(folder)
+    config_path = Path(folder) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = PORTABLE_CLASSES.get(config.get("tokenizer_class"), config.get("tokenizer_class"))
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def max_positions_of(model_folder: Path) -> int | None:
+    """The model's position limit from its config.json (None when it has none: relative-position models)."""
+    config = json.loads((Path(model_folder) / "config.json").read_text(encoding="utf-8"))
+    return config.get("max_position_embeddings") or config.get("n_positions")
