@@ -10,14 +10,57 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(help="Distill a large transformer into a small, fast, deployable one.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+                  pretty_exceptions_enable=False, context_settings=HELP_OPTIONS)
 
 
-def command(fn: Callable | None = None, *, name: str | None = None, on: typer.Typer = app) -> Callable:
-    """Register a command (on `app` or a sub-app) whose KdshipErrors become one line on stderr and an exit code."""
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"kdship {version('kdship')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[Optional[bool], typer.Option("--version", callback=_print_version, is_eager=True,
+                                                          help="print kdship's version and exit")] = None) -> None:
+    """Distill a large transformer into a small, fast, deployable one."""
+
+
+class ShowsConfigDefaults(typer.core.TyperCommand):
+    """A command whose options default to None on the command line (so that a recipe's value is not overridden)
+    and whose --help still shows the default a run gets: the typed config's, read when help is shown."""
+
+    config_name: str | None = None
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _show_config_defaults(self.params, self.config_name)
+        super().format_help(ctx, formatter)
+
+
+def _show_config_defaults(params: list[Any], config_name: str | None) -> None:
+    from pydantic_core import PydanticUndefined
+
+    from kdship import config as configs
+
+    if config_name is None:
+        return
+    fields = {**configs.DataConfig.model_fields, **getattr(configs, config_name).model_fields}
+    for param in params:
+        field = fields.get(param.name)
+        if param.default is not None or field is None or field.default in (None, PydanticUndefined):
+            continue
+        param.show_default = str(field.default.value if hasattr(field.default, "value") else field.default)
+
+
+def command(fn: Callable | None = None, *, name: str | None = None, on: typer.Typer = app,
+            config: str | None = None) -> Callable:
+    """Register a command (on `app` or a sub-app) whose KdshipErrors become one line on stderr and an exit code;
+    `config` names its class in kdship.config, whose defaults --help shows."""
     if fn is None:
-        return functools.partial(command, name=name, on=on)
+        return functools.partial(command, name=name, on=on, config=config)
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -41,7 +84,8 @@ def command(fn: Callable | None = None, *, name: str | None = None, on: typer.Ty
             typer.echo(f"interrupted{hint}", err=True)
             raise typer.Exit(130) from None
 
-    return on.command(name=name)(run)
+    cls = type(f"{fn.__name__}_command", (ShowsConfigDefaults,), {"config_name": config})
+    return on.command(name=name, cls=cls, context_settings=HELP_OPTIONS)(run)
 
 
 RESUMABLE = ("train", "distill")
@@ -135,7 +179,7 @@ def _print_run(result: dict[str, Any]) -> None:
     _echo(f"wrote {result['output']}  {shown}")
 
 
-@command
+@command(config="TrainConfig")
 def train(
     model: Annotated[Optional[str], typer.Option("--model", help="save_pretrained folder or hub id")] = None,
     init: Annotated[Optional[str], typer.Option("--init", help="shape spec, e.g. bert:layers=12,hidden=768")] = None,
@@ -206,7 +250,7 @@ def _split_students(value: str | None) -> list[str] | None:
     return parts
 
 
-@command
+@command(config="DistillConfig")
 def distill(
     teacher: Annotated[Optional[str], typer.Option("--teacher", help="teacher folder or hub id")] = None,
     student: Annotated[Optional[str], typer.Option("--student", help="folder, hub id or shape spec")] = None,
@@ -251,7 +295,7 @@ def distill(
         _print_run(result)
 
 
-@command(name="eval")
+@command(name="eval", config="EvalConfig")
 def evaluate(
     student: Annotated[str, typer.Option("--student", help="student folder")],
     teacher: Annotated[Optional[str], typer.Option("--teacher", help="teacher folder (for retention/agreement)")] = None,
@@ -273,7 +317,7 @@ def evaluate(
     print_eval(run(cfg))
 
 
-@command
+@command(config="ExportConfig")
 def export(
     student: Annotated[str, typer.Argument(help="student folder (kdship train/distill output)")],
     to: Annotated[Optional[list[str]], typer.Option("--to", help="onnx|ort-opt|fp16|int8|int8-static|aoti|tensorrt; "
@@ -299,7 +343,7 @@ def export(
     typer.echo(f"wrote {result['output']} ({', '.join(v['file'] for v in result['variants'].values())})")
 
 
-@command
+@command(config="ServeConfig")
 def serve(
     artifact: Annotated[str, typer.Argument(help="artifact folder from kdship export")],
     host: Annotated[Optional[str], typer.Option("--host")] = None,
@@ -334,7 +378,7 @@ def _ints(value: str | None) -> list[int] | None:
         raise ConfigError(f"{value!r} is not a comma-separated list of integers, e.g. 1,8,64") from None
 
 
-@command
+@command(config="BenchConfig")
 def bench(
     models: Annotated[list[str], typer.Argument(help="artifact or model folders; the first is the baseline")],
     backend: Annotated[Optional[list[str]], typer.Option("--backend", help="torch | torch-compile | ort-cpu | "
@@ -365,7 +409,7 @@ def bench(
                                  verify=verify, allow_pickle_weights=allow_pickle_weights)))
 
 
-@command
+@command(config="ReportConfig")
 def report(
     runs: Annotated[list[str], typer.Argument(help="run folders (model, artifact, bench) or a folder of them")],
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="HTML path (report.md is written beside)")] = None,
@@ -379,7 +423,7 @@ def report(
     typer.echo(f"wrote {result['output']} and {result['markdown']} ({len(result['plots'])} plots)")
 
 
-@command
+@command(config="GateConfig")
 def gate(
     runs: Annotated[list[str], typer.Argument(help="run folders (model, eval, artifact, bench) or a folder of them")],
     budgets: Annotated[str, typer.Option("--budgets", help="budgets YAML")],
@@ -403,11 +447,11 @@ def gate(
     raise_if_failed(result)
 
 
-deploy_app = typer.Typer(help="Write inference-server deployments.", no_args_is_help=True)
+deploy_app = typer.Typer(help="Write inference-server deployments.", no_args_is_help=True, context_settings=HELP_OPTIONS)
 app.add_typer(deploy_app, name="deploy")
 
 
-@command(name="triton", on=deploy_app)
+@command(name="triton", on=deploy_app, config="TritonConfig")
 def deploy_triton(
     artifact: Annotated[str, typer.Argument(help="artifact folder from kdship export")],
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="model repository folder")] = None,
@@ -437,7 +481,7 @@ def list_(what: Annotated[str, typer.Argument(help="losses | exporters | backend
     list_components(what)
 
 
-@command
+@command(config="QuickstartConfig")
 def quickstart(
     output: Annotated[str, typer.Option("--output", "-o", help="where the run goes")] = "kdship-quickstart",
     overwrite: Overwrite = None, seed: Seed = None, device: Device = None,

@@ -193,3 +193,16 @@ def test_existing_output_is_not_overwritten_without_overwrite(teacher_dir, data_
 def test_eval_of_a_model_without_labels_head_and_missing_data(teacher_dir, tmp_path):
     _assert_user_error(kdship("eval", "--student", teacher_dir), "no eval data")
     _assert_user_error(kdship("eval", "--student", tmp_path / "nope", "--data", "x.tsv"), "not found")
+
+
+def test_version_short_help_and_the_defaults_a_run_gets_in_help():
+    from importlib.metadata import version
+
+    assert kdship_ok("--version").output.strip() == f"kdship {version('kdship')}"
+    assert "distill [OPTIONS]" in kdship_ok("distill", "-h").output
+    lines = kdship_ok("distill", "--help").output.splitlines()
+    # options are None on the command line (a recipe's value must win over an unset flag), yet help shows the
+    # default of the typed config that a run without a recipe gets
+    assert any("--lr" in line and "0.0001" in line for line in lines)
+    assert any("--temperature" in line and "2.0" in line for line in lines)
+    assert "--install-completion" in kdship_ok("--help").output
