@@ -9,6 +9,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,6 +29,7 @@ CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "kdship-checkpoint/2"
 BEST = "best"
 LOG_EVERY = 10  # steps between loss read-outs in the progress line
+PLAIN_EVERY_SECONDS = 30.0  # between progress lines when stdout is not a terminal (logs, CI)
 # Flags that say how to start a run, not what the run is: they may differ between a run and its resume.
 START_FLAGS = ("resume", "overwrite", "allow_pickle_weights")
 
@@ -321,9 +323,9 @@ def fit(cfg: RunConfig, plan: TrainingPlan, train: Encoded, tokenizer: Any, run_
                 if state.step % LOG_EVERY == 0 or state.step == total or due_eval or due_save:
                     state.samples_seen += int(runtime.total(pending_samples))
                     pending_samples = 0
-                bar(state, logs)
                 if due_eval:
                     _evaluate(plan, state, run_dir, runtime)
+                bar(state, logs)  # after the evaluation, so the line of an evaluation's step shows it
                 if due_save:
                     checkpointer.save(plan, optimizer, scheduler, state)
                 if state.step >= total:
@@ -385,10 +387,20 @@ def _evaluate(plan: TrainingPlan, state: LoopState, run_dir: Path, runtime: Runt
 
 @contextlib.contextmanager
 def _progress(label: str, total: int, start: int, shown: bool):
-    """A rich progress bar with loss and throughput (rank 0 only); yields update(state, logs)."""
+    """Progress with loss and throughput (rank 0 only); yields update(state, logs). In a terminal a rich bar; in a
+    log or CI (stdout not a terminal) plain lines, every PLAIN_EVERY_SECONDS, after each evaluation and at the end,
+    since a bar is drawn there only once, at the end, cut to the log's width."""
     if not shown:
         yield lambda state, logs: None
-        return
+    elif sys.stdout.isatty():
+        with _rich_bar(label, total, start) as update:
+            yield update
+    else:
+        yield _plain_lines(label, total, start)
+
+
+@contextlib.contextmanager
+def _rich_bar(label: str, total: int, start: int):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -400,11 +412,31 @@ def _progress(label: str, total: int, start: int, shown: bool):
             if state.step % LOG_EVERY and state.step != total:
                 progress.update(task, completed=state.step)  # formatting the losses would sync the GPU
                 return
-            rate = state.samples_seen / state.train_seconds if state.train_seconds else 0.0
-            info = " ".join(f"{k}={float(v):.4f}" for k, v in logs.items()) + f" {rate:.0f} samples/s"
-            if state.history:
-                last = state.history[-1]
-                info += " | eval " + " ".join(f"{k}={v:.4f}" for k, v in last.items() if k not in ("step", "epoch"))
-            progress.update(task, completed=state.step, info=info)
+            progress.update(task, completed=state.step, info=_progress_info(state, logs))
 
         yield update
+
+
+def _plain_lines(label: str, total: int, start: int) -> Callable[[LoopState, dict[str, Any]], None]:
+    began = time.monotonic()
+    last = {"printed": began, "evaluations": 0}
+
+    def update(state: LoopState, logs: dict[str, Any]) -> None:
+        evaluated = len(state.history) > last["evaluations"]
+        if not (evaluated or state.step == total or time.monotonic() - last["printed"] >= PLAIN_EVERY_SECONDS):
+            return
+        last.update(printed=time.monotonic(), evaluations=len(state.history))
+        remaining = (total - state.step) * (time.monotonic() - began) / max(1, state.step - start)
+        print(f"{label} step {state.step}/{total} ({state.step / total:.0%}, ~{remaining:.0f} s left) "
+              f"{_progress_info(state, logs)}", flush=True)
+
+    return update
+
+
+def _progress_info(state: LoopState, logs: dict[str, Any]) -> str:
+    rate = state.samples_seen / state.train_seconds if state.train_seconds else 0.0
+    info = " ".join(f"{k}={float(v):.4f}" for k, v in logs.items()) + f" {rate:.0f} samples/s"
+    if state.history:
+        last = state.history[-1]
+        info += " | eval " + " ".join(f"{k}={v:.4f}" for k, v in last.items() if k not in ("step", "epoch"))
+    return info

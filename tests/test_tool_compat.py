@@ -24,3 +24,16 @@ def test_exported_artifact_tokenizer_is_portable_too(artifact):
     config = json.loads((artifact / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert config["model_max_length"] == json.loads((artifact / "config.json").read_text())["max_position_embeddings"]
+
+
+def test_progress_is_plain_lines_when_stdout_is_no_terminal(data_dir, teacher_dir, tmp_path):
+    """CI logs get one line per evaluation and one at the end, not a bar drawn once and cut to the log's width."""
+    from conftest import kdship_ok
+
+    out = kdship_ok("train", "--init", "bert:layers=1,hidden=32,heads=2,ffn=64,max_len=64", "--tokenizer", teacher_dir,
+                    "--data", data_dir / "train.tsv", "--eval-data", data_dir / "dev.tsv", "--batch-size", 8,
+                    "--max-steps", 6, "--eval-every", 3, "-o", tmp_path / "run").output
+    lines = [line for line in out.splitlines() if line.startswith("train step ")]
+    assert any(line.startswith("train step 3/6") and "| eval accuracy=" in line for line in lines), out
+    assert lines[-1].startswith("train step 6/6 (100%") and "samples/s" in lines[-1]
+    assert "━" not in out  # no bar
