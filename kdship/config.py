@@ -53,7 +53,9 @@ class LossSpec(Strict):
 
     name: str
     weight: float = Field(1.0, ge=0)
-    weight_end: float | None = Field(None, ge=0, description="weight reached at the last step (linear)")
+    weight_end: float | None = Field(None, ge=0, description="weight reached at the last step (linear), or at `until`")
+    until: float = Field(1.0, gt=0, le=1, description="fraction of the run at which weight_end is reached; the weight "
+                                                      "stays there after it (0.5: the second half without this term)")
 
     @field_validator("name")
     @classmethod
@@ -230,7 +232,9 @@ class DistillConfig(RunConfig):
         None, description="teacher hidden-state index for each student hidden state (0 = embeddings); default uniform"
     )
     init_from_teacher: bool = Field(True, description="copy every k-th teacher layer into a same-width spec student")
-    lr: float = Field(1e-4, gt=0, le=1.0)
+    lr: float | None = Field(
+        None, gt=0, le=1.0, description="peak learning rate; default per student by its start: 1e-4 with pretrained "
+        "weights (copied from the teacher or loaded), 5e-4 randomly initialised (measured: README, issue 12)")
 
     _named = field_validator("students", mode="before")(lambda cls, v: named_students(v))
 

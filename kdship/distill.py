@@ -31,6 +31,10 @@ from kdship.techniques import (Technique, TechniqueContext, build_techniques, lo
                                technique_records, wrap_step)
 from kdship.trainee import ATTENTIONS, HIDDEN, QKV, HiddenProjection, Trainee
 
+# default peak learning rates by how a student starts. Measured on SST-2 (random 4L-312, MiniLM-L6 teacher, 250
+# steps of 32): task KD 76.0% at 5e-4 vs 70.1% at 1e-4, which leaves the majority-class plateau only after ~130
+# steps; weights that already encode language are fine-tuned at the usual 1e-4
+PRETRAINED_LR, RANDOM_INIT_LR = 1e-4, 5e-4
 PROJECTIONS = "projections"  # a student's head mapping its hidden states to the teacher's width
 
 
@@ -102,8 +106,10 @@ def _student(cfg: DistillConfig, name: str, source: str, head: str, tcfg: Any, t
                               match_loss=cfg.match_loss)
     layer_map = _layer_map(cfg, student.config.num_hidden_layers, tcfg.num_hidden_layers)
     copied = init_from_teacher(student, teacher, layer_map) if _copies_teacher_layers(cfg, source, tcfg) else 0
-    return Trainee(name, student, prefix=prefix, details={"name": name, "source": source, "layer_map": layer_map,
-                                                          "tensors_copied_from_teacher": copied})
+    lr = cfg.lr or (PRETRAINED_LR if copied or not is_shape_spec(source) else RANDOM_INIT_LR)
+    return Trainee(name, student, prefix=prefix, lr=lr,
+                   details={"name": name, "source": source, "layer_map": layer_map,
+                            "tensors_copied_from_teacher": copied, "lr": lr})
 
 
 def teacher_identity(source: str) -> dict[str, Any]:
@@ -197,7 +203,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
 
 
 def _build_run(cfg: DistillConfig, tconfig: Any, runtime: Runtime) -> DistillRun:
-    terms = [WeightedLoss(get_loss(spec.name), spec.weight, spec.weight_end) for spec in cfg.losses]
+    terms = [WeightedLoss(get_loss(spec.name), spec.weight, spec.weight_end, spec.until) for spec in cfg.losses]
     needs = set().union(*(t.loss.needs for t in terms))
     eager = "attentions" in needs  # fused attention kernels do not return attention maps
     head = head_for(cfg, tconfig)

@@ -205,13 +205,15 @@ def qkv_relations_loss(x: LossInputs) -> Tensor:
 
 @dataclass
 class WeightedLoss:
-    """A registry loss with its weight, optionally moving linearly from `weight` to `weight_end` over the run."""
+    """A registry loss with its weight, optionally moving linearly from `weight` to `weight_end` over the first
+    `until` of the run (all of it by default), then staying at `weight_end`."""
 
     loss: LossDef
     weight: float
     weight_end: float | None = None
+    until: float = 1.0
 
     def weight_at(self, progress: float) -> float:
         if self.weight_end is None:
             return self.weight
-        return self.weight + (self.weight_end - self.weight) * min(max(progress, 0.0), 1.0)
+        return self.weight + (self.weight_end - self.weight) * min(max(progress / self.until, 0.0), 1.0)

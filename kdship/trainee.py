@@ -128,6 +128,7 @@ class Trainee:
     higher_is_better: bool = True
     prefix: str = ""  # "" for one trained model, "name/" for several (log and metric keys)
     details: dict[str, Any] = field(default_factory=dict)  # what its record says of where it came from
+    lr: float | None = None  # its peak learning rate; None: the run's
     module: nn.Module | None = None
     timer: RegionTimer | None = None
     trace: LossTrace = field(default_factory=LossTrace)

@@ -173,3 +173,34 @@ def test_a_dimension_the_teacher_holds_constant_does_not_outweigh_the_others():
     student[..., 0] += 0.1
     loss = hidden_mse_normalised([student], [teacher], torch.ones(2, 8))
     assert loss.item() < 0.01  # 0.1² / (a tenth of the median variance ~1) / 16 dimensions = 0.006
+
+
+def test_learning_rate_default_follows_how_the_student_starts(teacher_dir, data_dir, tmp_path):
+    """A randomly initialised student gets 5e-4 (at 1e-4 task KD sits ~130 steps at the majority class), one with
+    the teacher's layers 1e-4; --lr sets both; the optimizer really uses it."""
+    import json
+
+    from conftest import kdship_ok
+
+    def lr_of(out, student, *extra):
+        kdship_ok("distill", "--teacher", teacher_dir, "--student", student, "--data", data_dir / "train.tsv",
+                  "--max-steps", 2, "--batch-size", 8, "-o", tmp_path / out, *extra)
+        return json.loads((tmp_path / out / "kdship.json").read_text())["student"]["lr"]
+
+    assert lr_of("random", "bert:layers=1,hidden=48,heads=2,ffn=96") == 5e-4
+    assert lr_of("copied", "bert:layers=1") == 1e-4
+    assert lr_of("given", "bert:layers=1,hidden=48,heads=2,ffn=96", "--lr", "3e-5") == 3e-5
+
+
+def test_each_trainee_gets_its_own_learning_rate_in_the_optimizer():
+    from torch import nn
+
+    from kdship.config import TrainConfig
+    from kdship.loop import _optimizer
+    from kdship.trainee import Trainee
+
+    a, b = Trainee("a", nn.Linear(2, 2), lr=5e-4), Trainee("b", nn.Linear(2, 2))
+    for t in (a, b):
+        t.module = t.model
+    optimizer = _optimizer(TrainConfig(init="bert:layers=1", lr=2e-5), [a, b])
+    assert [g["lr"] for g in optimizer.param_groups] == [5e-4, 5e-4, 2e-5, 2e-5]
