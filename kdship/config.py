@@ -291,11 +291,27 @@ def drop_unset(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kept.items() if v != {}}
 
 
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes installed with kdship (the repository's pipelines/), by name."""
+    from importlib.resources import files
+
+    return {Path(f.name).stem: Path(str(f)) for f in files("kdship.recipes").iterdir() if f.name.endswith(".yaml")}
+
+
+def resolve_recipe(path: str | Path, what: str = "recipe") -> Path:
+    """A recipe file, or the name of a shipped one (`task_kd` or `task_kd.yaml`) when no such file exists here."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    shipped = shipped_recipes()
+    if what == "recipe" and given.parent == Path(".") and given.stem in shipped:
+        return shipped[given.stem]
+    hint = f"shipped recipes, by name: {', '.join(sorted(shipped))}" if what == "recipe" else "give the YAML file"
+    raise ConfigError(f"{what} {path} not found; check the path ({hint})")
+
+
 def read_recipe(path: str | Path, what: str = "recipe") -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        hint = "shipped recipes are in pipelines/" if what == "recipe" else "give the YAML file"
-        raise ConfigError(f"{what} {path} not found; check the path ({hint})")
+    path = resolve_recipe(path, what)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
