@@ -23,3 +23,18 @@ class CheckFailed(KdshipError):
     """A check the user asked for ran and failed (parity, budgets): exit 1, not a usage error."""
 
     exit_code = 1
+
+
+class MissingExtra(KdshipError):
+    """A command needs an optional dependency that is not installed."""
+
+
+def require_extra(extra: str, command: str, *modules: str) -> None:
+    """Import `modules` or stop with the one line that names the pip extra providing them."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise MissingExtra(f"{command} needs {module}, which is not installed; pip install 'kdship[{extra}]'") from None

@@ -64,3 +64,23 @@ def test_every_package_of_the_source_tree_is_in_the_wheel():
     assert on_disk <= set(setup["packages"])
     for package, folder in setup["package-dir"].items():
         assert (root / folder / "__init__.py").exists(), package
+
+
+def _without_module_run_cli(module: str, *args: str):
+    """The real CLI in a fresh process in which `module` cannot be imported (as if its extra were not installed)."""
+    import subprocess
+    import sys
+
+    code = (f"import sys; sys.modules[{module!r}] = None; sys.argv = ['kdship', *{list(map(str, args))!r}]; "
+            "from kdship.cli import main; main()")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_serve_and_triton_without_their_extras_say_which_extra_to_install(artifact, tmp_path):
+    served = _without_module_run_cli("fastapi", "serve", artifact)
+    assert served.returncode == 2 and "Traceback" not in served.stderr
+    assert served.stderr.strip() == ("error: kdship serve needs fastapi, which is not installed; "
+                                     "pip install 'kdship[serve]'")
+    triton = _without_module_run_cli("tritonclient.grpc", "deploy", "triton", artifact, "-o", tmp_path / "repo")
+    assert triton.returncode == 2 and "pip install 'kdship[triton]'" in triton.stderr
+    assert not (tmp_path / "repo").exists()

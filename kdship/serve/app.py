@@ -11,6 +11,10 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from kdship.errors import require_extra
+
+require_extra("serve", "kdship serve", "fastapi", "uvicorn", "prometheus_client")
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError

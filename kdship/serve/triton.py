@@ -16,7 +16,7 @@ from kdship.artifacts import atomic_write_text, staged_dir
 from kdship.manifest import read_manifest
 from kdship.manifest import verify as verify_manifest
 from kdship.config import TritonConfig
-from kdship.errors import ConfigError, ModelError
+from kdship.errors import ConfigError, ModelError, require_extra
 
 PREFERRED = {"gpu": ("tensorrt", "fp16", "ort-opt", "onnx"), "cpu": ("ort-opt", "onnx", "int8", "int8-static")}
 PLATFORMS = {".onnx": "onnxruntime_onnx", ".plan": "tensorrt_plan"}
@@ -25,6 +25,7 @@ DTYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float": "TYPE_FP32", "f
 
 
 def model_config_pb2():
+    require_extra("triton", "kdship deploy triton", "tritonclient.grpc")
     from tritonclient.grpc import model_config_pb2 as pb
 
     return pb
