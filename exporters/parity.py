@@ -39,6 +39,30 @@ def parity_cases(tokenizer: Any, texts: list[tuple[str, ...]], names: list[str],
     }
 
 
+# parity inputs for a model exported without data: sentences of many kinds and lengths, then word salads drawn
+# from the tokenizer's own vocabulary, so every variant still sees real token statistics, padding and long inputs
+BUILTIN_SENTENCES = [
+    "ok", "No.", "The service was quick and the staff were friendly.", "I would not buy this again.",
+    "What time does the store open on Sundays?", "The results, as of 3 March 2024, were 12.5% above the forecast.",
+    "An utterly forgettable film with one brilliant scene.", "Please reset my password; the link has expired.",
+    "It rained all day, so we stayed in and read.", "Café prices in Zürich are high, but the coffee is excellent!",
+    "The model's accuracy dropped after quantisation, which nobody noticed for weeks.",
+    "Terms and conditions apply. See the full document for details on eligibility, limits and exclusions.",
+    "He said it was fine. It was not fine.", "Shipping took 3-5 business days (as promised).",
+    "A long, winding, occasionally brilliant and frequently exhausting story about a family, a farm, and the "
+    "decades of drought, debt and stubborn hope that shaped three generations of them.",
+]
+
+
+def builtin_texts(tokenizer: Any, columns: int, count: int = 256, seed: int = 0) -> list[tuple[str, ...]]:
+    """`count` inputs of `columns` texts each: the built-in sentences, then random word salads of 2-80 words."""
+    rng = np.random.default_rng(seed)
+    words = [w for w in tokenizer.get_vocab() if w.isalpha() and not w.startswith("##")] or list(BUILTIN_SENTENCES)
+    salads = [" ".join(rng.choice(words, size=int(rng.integers(2, 81)))) for _ in range(count * columns)]
+    pool = BUILTIN_SENTENCES * columns + salads
+    return [tuple(pool[i * columns + c] for c in range(columns)) for i in range(count)]
+
+
 @torch.no_grad()
 def torch_logits(model: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.float().numpy()

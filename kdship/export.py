@@ -38,26 +38,35 @@ def _student(cfg: ExportConfig) -> tuple[Any, Any, dict[str, Any]]:
     return build_model("classify", cfg.student).eval(), load_tokenizer(cfg.student, "student"), record
 
 
-def _data_source(explicit: str | None, record: dict[str, Any], *keys: str) -> str:
+def _data_source(explicit: str | None, record: dict[str, Any], *keys: str) -> str | None:
+    """The data the command line names, else the data the student's record says it was trained on."""
     for key in keys:
         source = record.get("data", {}).get(key, {}).get("source")
         if explicit or source:
             return explicit or source
-    raise ConfigError("export checks every variant on real inputs but the student's kdship.json names no data; "
-                      "pass --eval-data FILE")
+    return None
 
 
-def _eval_set(cfg: ExportConfig, record: dict[str, Any], model: Any) -> tuple[list, np.ndarray | None]:
-    """Real texts for parity, with labels when the data has them (then accuracy per variant is measured too)."""
+def _eval_set(cfg: ExportConfig, record: dict[str, Any], model: Any,
+              tokenizer: Any) -> tuple[list, np.ndarray | None, str]:
+    """Texts for parity, with labels when the data has them (then accuracy per variant is measured too), and
+    where they came from. A model without data (a hub model, a folder made elsewhere) is checked on built-in
+    sentences and random word salads: parity and agreement are measured, accuracy is not."""
+    from kdship.exporters.parity import builtin_texts
     from kdship.models import label_names_of
 
     source = _data_source(cfg.eval_data, record, "eval", "train")
     columns = _text_columns(cfg, record)
+    if source is None:
+        texts = builtin_texts(tokenizer, len(columns or [None]), cfg.eval_samples or 256)
+        print(f"note: no eval data (none given, none in the model's kdship.json): parity checked on {len(texts)} "
+              "built-in and random texts; accuracy was not measured (pass --eval-data FILE to measure it)")
+        return texts, None, "built-in texts (no eval data: accuracy not measured)"
     try:
         table = load_table(source, columns, cfg.label_column, cfg.eval_samples)
     except DataError:  # unlabeled text: parity and agreement only; a missing file raises again just below
-        return load_table(source, columns, None, cfg.eval_samples).texts, None
-    return table.texts, np.array(encode_labels(table.raw_labels, label_names_of(model.config), table.source))
+        return load_table(source, columns, None, cfg.eval_samples).texts, None, source
+    return table.texts, np.array(encode_labels(table.raw_labels, label_names_of(model.config), table.source)), source
 
 
 def _text_columns(cfg: ExportConfig, record: dict[str, Any]) -> list[str] | None:
@@ -88,7 +97,7 @@ def _onnx_io(path: Path) -> dict[str, Any]:
 
 
 def _manifest(cfg: ExportConfig, out: Path, order: list, ctx: Any, parity: dict[str, Any],
-              record: dict[str, Any], max_length: int) -> dict[str, Any]:
+              record: dict[str, Any], max_length: int, checked_on: dict[str, Any]) -> dict[str, Any]:
     variants = {}
     for exporter in order:
         path = ctx.files[exporter.name]
@@ -99,7 +108,8 @@ def _manifest(cfg: ExportConfig, out: Path, order: list, ctx: Any, parity: dict[
     return {"format": "kdship-artifact/1", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source": {"student": str(Path(cfg.student).resolve()), "record": RECORD_NAME if record else None,
                        "metrics": record.get("metrics")},
-            "config": to_record(cfg), "opset": cfg.opset, "max_length": max_length, "variants": variants, "files": files,
+            "config": to_record(cfg), "opset": cfg.opset, "max_length": max_length, "checked_on": checked_on,
+            "variants": variants, "files": files,
             "passed": all(p["passed"] for p in parity.values()), "allow_mismatch": cfg.allow_mismatch,
             "versions": library_versions()}
 
@@ -120,7 +130,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     trained = record.get("data", {}).get("max_length") or record.get("config", {}).get("data", {}).get("max_length")
     max_length = max_tokens(cfg.max_length or trained or 128, model.config)
     names = input_names_for(tokenizer, model.config)
-    texts, labels = _eval_set(cfg, record, model)
+    texts, labels, parity_inputs = _eval_set(cfg, record, model, tokenizer)
     cases = parity_cases(tokenizer, texts, names, max_length, model.config.vocab_size)
     eval_batches = batched(tokenizer, texts, names, max_length)
     reference = {name: torch_logits(model, feeds) for name, feeds in cases.items()}
@@ -129,8 +139,11 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     with staged_dir(Path(cfg.output), cfg.overwrite) as out:
         ctx = ExportContext(model, tokenizer, out, cfg)
         if any(e.name == "int8-static" for e in order):
-            calib = load_table(_data_source(cfg.calib_data, record, "train", "eval"), _text_columns(cfg, record),
-                               None, cfg.calib_samples).texts
+            calib_source = _data_source(cfg.calib_data, record, "train", "eval")
+            if calib_source is None:
+                raise ConfigError("int8-static calibrates activation ranges on real inputs and the model names no "
+                                  "data; pass --calib-data FILE (or export int8, which needs none)")
+            calib = load_table(calib_source, _text_columns(cfg, record), None, cfg.calib_samples).texts
             ctx.calibration = batched(tokenizer, calib, names, max_length, size=16)
         for exporter in order:
             ctx.files[exporter.name] = _build(exporter, ctx)
@@ -145,6 +158,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         save_tokenizer(tokenizer, out, max_positions_of(out))
         if (Path(cfg.student) / RECORD_NAME).exists():
             shutil.copy2(Path(cfg.student) / RECORD_NAME, out / RECORD_NAME)
-        manifest = _manifest(cfg, out, order, ctx, parity, record, max_length)
+        checked_on = {"inputs": parity_inputs, "rows": len(texts), "accuracy_measured": labels is not None}
+        manifest = _manifest(cfg, out, order, ctx, parity, record, max_length, checked_on)
         atomic_write_json(out / MANIFEST, manifest)
     return {"output": cfg.output, **manifest}

@@ -84,3 +84,22 @@ def test_serve_and_triton_without_their_extras_say_which_extra_to_install(artifa
     triton = _without_module_run_cli("tritonclient.grpc", "deploy", "triton", artifact, "-o", tmp_path / "repo")
     assert triton.returncode == 2 and "pip install 'kdship[triton]'" in triton.stderr
     assert not (tmp_path / "repo").exists()
+
+
+def test_export_of_a_model_without_data_checks_parity_on_built_in_texts(teacher_dir, tmp_path):
+    """A folder made elsewhere (no kdship.json naming its data): every variant is still checked against PyTorch,
+    and the manifest says accuracy was not measured instead of refusing or pretending."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from conftest import kdship_ok
+
+    plain = tmp_path / "plain"
+    AutoModelForSequenceClassification.from_pretrained(teacher_dir).save_pretrained(plain)
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(plain)
+    result = kdship_ok("export", plain, "--to", "onnx", "-o", tmp_path / "artifact")
+    assert "accuracy was not measured" in result.output
+    manifest = json.loads((tmp_path / "artifact" / "manifest.json").read_text())
+    assert manifest["checked_on"] == {"inputs": "built-in texts (no eval data: accuracy not measured)",
+                                      "rows": manifest["config"]["eval_samples"], "accuracy_measured": False}
+    onnx = manifest["variants"]["onnx"]["parity"]
+    assert onnx["passed"] and onnx["agreement"] == 1.0 and "accuracy" not in onnx
