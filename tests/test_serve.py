@@ -177,3 +177,57 @@ def test_json_depth_ignores_brackets_inside_strings():
 
     assert json_depth(b'{"texts": ["[[[[", "a \\" [[ b"]}') == 2
     assert json_depth(b"[[[]]]") == 3
+
+
+def test_kserve_v2_routes_answer_tritonclient_in_json_and_binary(server):
+    """A real Triton client (tritonclient.http) against kdship serve: health, metadata, infer with a BYTES TEXT
+    input, JSON tensors and the binary tensor extension, outputs equal to /v1/classify's."""
+    import numpy as np
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    url, proc = server
+    texts = ["a wonderful , moving film", "dull and far too long", "fine"]
+    expected = _classify(url, texts).json()["predictions"]
+    name = httpx.get(f"{url}/v1/model", timeout=5).json()["name"]
+    client = triton.InferenceServerClient(url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(name)
+    metadata = client.get_model_metadata(name)
+    assert metadata["inputs"] == [{"name": "TEXT", "datatype": "BYTES", "shape": [-1]}]
+    for binary in (False, True):
+        text = triton.InferInput("TEXT", [len(texts)], "BYTES")
+        text.set_data_from_numpy(np.array(texts, dtype=object), binary_data=binary)
+        outputs = [triton.InferRequestedOutput(n, binary_data=binary) for n in ("LABEL", "PROBABILITIES")]
+        result = client.infer(name, [text], outputs=outputs)
+        labels = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("LABEL")]  # binary: bytes
+        assert labels == [p["label"] for p in expected]
+        probabilities = result.as_numpy("PROBABILITIES")
+        assert probabilities.shape == (3, 2) and probabilities.dtype == np.float32
+        assert np.allclose(probabilities[:, 1], [p["probabilities"]["positive"] for p in expected], atol=1e-6)
+    everything = client.infer(name, [text])  # no outputs named: all of them (binary, as the client asks)
+    assert everything.as_numpy("LABEL_ID").tolist() == [p["label_id"] for p in expected]
+    with pytest.raises(InferenceServerException, match="unknown model 'other'"):
+        client.infer("other", [text])
+    header = json.dumps({"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": 6}}]}).encode()
+    bad = httpx.post(f"{url}/v2/models/{name}/infer", content=header + b"\x02\x00\x00\x00\xff\xfe",
+                     headers={"Inference-Header-Content-Length": str(len(header))}, timeout=10)
+    assert bad.status_code == 400 and "not UTF-8" in bad.json()["error"], bad.text
+    assert proc.poll() is None
+
+
+def test_tei_predict_model_list_openapi_and_no_build_paths(server):
+    url, _ = server
+    single = httpx.post(f"{url}/predict", json={"inputs": "a wonderful film"}, timeout=10).json()
+    assert [r["label"] for r in single] and single[0]["score"] >= single[1]["score"]
+    assert {r["label"] for r in single} == {"negative", "positive"}
+    batch = httpx.post(f"{url}/predict", json={"inputs": ["a", "b"]}, timeout=10).json()
+    assert len(batch) == 2 and all(len(rows) == 2 for rows in batch)
+    bad = httpx.post(f"{url}/predict", json={"inputs": [["a", "b"]]}, timeout=10)
+    assert bad.status_code == 422 and "pairs are not served" in bad.json()["error"]
+    name = httpx.get(f"{url}/v1/model", timeout=5).json()["name"]
+    assert httpx.get(f"{url}/v1/models", timeout=5).json()["data"][0]["id"] == name
+    schema = httpx.get(f"{url}/openapi.json", timeout=5).json()["paths"]["/v1/classify"]["post"]["requestBody"]
+    assert "texts" in schema["content"]["application/json"]["schema"]["properties"]
+    manifest = httpx.get(f"{url}/v1/model", timeout=5).json()["manifest"]
+    assert "/" not in manifest["source"]["student"] and "/" not in manifest["config"]["output"]

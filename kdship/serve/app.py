@@ -10,6 +10,8 @@ import contextlib
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 from kdship.errors import require_extra
 
@@ -24,17 +26,12 @@ from kdship.models import under_weights_policy
 from kdship.config import ServeConfig
 from kdship.serve.batcher import DynamicBatcher
 from kdship.serve.model import ServedModel
+from kdship.serve.protocols import PROTOCOL_PATHS, HttpError, ModelFailed, add_protocol_routes
 
 
 class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     texts: list[str] = Field(min_length=1)
-
-
-class HttpError(Exception):
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 def _metrics():
@@ -143,30 +140,39 @@ def create_app(model: ServedModel, cfg: ServeConfig) -> FastAPI:
             response = await call_next(request)
         except Exception as e:  # a bug, not the request: still JSON, still counted, and the server keeps serving
             response = error_response(500, f"internal error: {type(e).__name__}")
-        endpoint = request.url.path if request.url.path in KNOWN_PATHS else "other"
+        route = request.scope.get("route")  # the path template: one series per endpoint, not per model name
+        endpoint = route.path if route is not None else request.url.path if request.url.path in KNOWN_PATHS else "other"
         metrics["requests"].labels(endpoint, str(response.status_code)).inc()
         metrics["latency"].labels(endpoint).observe(time.perf_counter() - started)
         return response
 
-    @app.post("/v1/classify")
-    async def classify(request: Request):
-        try:
-            texts = parse_classify(await _read_bounded(request, cfg.max_body_bytes),
-                                   request.headers.get("content-type", ""), cfg)
-        except HttpError as e:
-            return error_response(e.code, str(e))
+    async def predict(texts: list[str]) -> list[dict[str, Any]]:
+        """Every protocol's one way to the model: through the batcher, or one call at a time (a TensorRT context,
+        a fast tokenizer are not thread-safe) off the event loop, so /health keeps answering meanwhile."""
         try:
             if cfg.batching:
                 predictions = await batcher.submit(texts)
             else:
-                # one model call at a time (a TensorRT context, a fast tokenizer are not thread-safe), off the event
-                # loop so /health keeps answering meanwhile
                 predictions = await asyncio.get_running_loop().run_in_executor(model_thread, model.predict, texts)
                 metrics["batch"].observe(len(texts))
-        except Exception as e:  # the model failed, not the request: say so in JSON, and keep serving
-            return error_response(500, f"model failed: {e}")
+        except Exception as e:  # the model failed, not the request: the caller says so, and the server keeps serving
+            raise ModelFailed(str(e)) from e
         metrics["texts"].inc(len(texts))
-        return {"model": model.name, "predictions": predictions}
+        return predictions
+
+    async def read_body(request: Request) -> bytes:
+        return await _read_bounded(request, cfg.max_body_bytes)
+
+    @app.post("/v1/classify", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": ClassifyRequest.model_json_schema()}}}})
+    async def classify(request: Request):
+        try:
+            texts = parse_classify(await read_body(request), request.headers.get("content-type", ""), cfg)
+            return {"model": model.name, "predictions": await predict(texts)}
+        except HttpError as e:
+            return error_response(e.code, str(e))
+        except ModelFailed as e:
+            return error_response(500, f"model failed: {e}")
 
     @app.get("/health")
     async def health():
@@ -183,12 +189,24 @@ def create_app(model: ServedModel, cfg: ServeConfig) -> FastAPI:
                                                              "max_wait_ms": cfg.max_wait_ms},
                 "limits": {"max_texts": cfg.max_texts, "max_text_chars": cfg.max_text_chars,
                            "max_body_bytes": cfg.max_body_bytes},
-                "manifest": model.manifest}
+                "manifest": public_manifest(model.manifest)}
 
+    add_protocol_routes(app, model, cfg, predict, read_body)
     return app
 
 
-KNOWN_PATHS = {"/v1/classify", "/health", "/metrics", "/v1/model"}
+def public_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The artifact's manifest as a client may see it: the build machine's paths reduced to their last part."""
+    source = dict(manifest.get("source") or {})
+    if source.get("student"):
+        source["student"] = Path(source["student"]).name
+    config = {k: (Path(v).name if isinstance(v, str) and Path(v).is_absolute() else v)
+              for k, v in (manifest.get("config") or {}).items()}
+    return {**manifest, "source": source, "config": config}
+
+
+KNOWN_PATHS = {"/v1/classify", "/health", "/metrics", "/v1/model", "/v2/models/{name}", "/v2/models/{name}/infer",
+               *PROTOCOL_PATHS}
 
 
 def _check_port_free(host: str, port: int) -> int:
