@@ -50,8 +50,8 @@ CPU = {"sst2_train": 8000, "general_samples": 60000, "teacher_epochs": 1, "batch
        "bert_base": False,
        # (c) and (d), in reverse_sample_value.py's terms
        "small": "bert:layers=2,hidden=128,heads=2,ffn=512", "large": "bert:layers=4,hidden=256,heads=4,ffn=1024",
-       "small_steps": 3000, "large_steps": 1500, "reverse_steps": 675, "mlm_eval_every": 50, "corpus": 100000,
-       "eval_every": 25, "finetune_steps": 400, "pairs": 12000, "match_steps": 600}
+       "small_steps": 2000, "large_steps": 1000, "reverse_steps": 450, "mlm_eval_every": 50, "corpus": 100000,
+       "eval_every": 25, "finetune_steps": 300, "pairs": 12000, "match_steps": 400}
 GPU = {**CPU, "sst2_train": None, "general_samples": 200000, "teacher_epochs": 1, "a_steps": 3000,
        "a_eval_every": 250, "b_steps": 1500, "b_eval_every": 150, "retention_target_a": 0.97, "bert_base": True,
        "bert_base_mlm_steps": 2000, "small_steps": 4000, "large_steps": 3000, "reverse_steps": 1350,
@@ -249,7 +249,10 @@ def merged_with_earlier_parts(name: str, results: dict[str, Any]) -> dict[str, A
     earlier_path = RESULTS / f"{name}.json"
     if not earlier_path.exists():
         return {**results, "invocations": [results.pop("runs_of_this_invocation")]}
-    earlier = json.loads(earlier_path.read_text())["results"]
+    earlier_file = json.loads(earlier_path.read_text())
+    earlier = earlier_file["results"]
+    for previous in earlier.get("invocations", []):  # files written before settings were kept per invocation
+        previous.setdefault("settings", earlier_file.get("settings"))
     invocation = results.pop("runs_of_this_invocation")
     kept = {k: v for k, v in earlier.items() if k not in results and k != "invocations"}
     return {**kept, **results, "invocations": earlier.get("invocations", []) + [invocation]}
@@ -278,10 +281,10 @@ def main() -> None:
     else:
         name = "seed_claims_gpu" if args.gpu else "seed_claims"
         results["runs_of_this_invocation"] = {"parts": parts, "commit": git_commit(), "device": device_name(),
-                                              "seconds": round(time.perf_counter() - started, 1)}
+                                              "seconds": round(time.perf_counter() - started, 1),
+                                              "settings": {**s, "random_student": RANDOM_STUDENT}}
         results = merged_with_earlier_parts(name, results)
-        path = write_result(name, {"settings": {**s, "random_student": RANDOM_STUDENT}, "claims": claims_of(results),
-                                   "results": results})
+        path = write_result(name, {"claims": claims_of(results), "results": results})
         print(f"wrote {path} ({device_name()})")
     shutil.rmtree(args.work, ignore_errors=True)
 
