@@ -457,7 +457,7 @@ def deploy_triton(
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="model repository folder")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="ensemble name clients call")] = None,
     variant: Annotated[Optional[str], typer.Option("--variant")] = None,
-    kind: Annotated[Optional[str], typer.Option("--kind", help="gpu | cpu")] = None,
+    kind: Annotated[Optional[str], typer.Option("--kind", help="auto (loads on a GPU or a CPU-only Triton) | gpu | cpu")] = None,
     max_batch: Annotated[Optional[int], typer.Option("--max-batch")] = None,
     instances: Annotated[Optional[int], typer.Option("--instances")] = None,
     max_length: MaxLength = None, verify: Verify = None, overwrite: Overwrite = None, recipe: Recipe = None,

@@ -440,8 +440,10 @@ class TritonConfig(Strict):
     artifact: str
     output: str | None = None
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="default: the artifact folder's name")
-    variant: str | None = Field(None, description="default: tensorrt/fp16/ort-opt/onnx on gpu, ort-opt/onnx on cpu")
-    kind: Literal["gpu", "cpu"] = "gpu"
+    variant: str | None = Field(None, description="default: onnx for auto, tensorrt/fp16/ort-opt/onnx on gpu, "
+                                                  "ort-opt/onnx on cpu")
+    kind: Literal["auto", "gpu", "cpu"] = Field("auto", description="Triton instance kind: auto loads on a GPU "
+                                                "server and on a CPU-only one")
     max_batch: int = Field(64, ge=1)
     instances: int = Field(1, ge=1)
     queue_delay_us: int = Field(100, ge=0)

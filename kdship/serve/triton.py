@@ -1,5 +1,6 @@
 """`kdship deploy triton`: a Triton model repository from an artifact: the classifier (onnxruntime_onnx or
-tensorrt_plan), a Python-backend tokenizer, and an ensemble chaining them so clients can send raw text.
+tensorrt_plan), a Python-backend tokenizer before it and a Python-backend label model after it, and an ensemble
+chaining the three so clients send raw text and get labels and probabilities back.
 
 config.pbtxt files are built as Triton's own ModelConfig protobuf (from tritonclient) and written in protobuf text
 format, so they are valid by construction and parse back with the same schema."""
@@ -18,7 +19,11 @@ from kdship.manifest import verify as verify_manifest
 from kdship.config import TritonConfig
 from kdship.errors import ConfigError, ModelError, require_extra
 
-PREFERRED = {"gpu": ("tensorrt", "fp16", "ort-opt", "onnx"), "cpu": ("ort-opt", "onnx", "int8", "int8-static")}
+# auto: the plain ONNX graph, which both of Triton's onnxruntime instance kinds run; KIND_AUTO places it on a GPU
+# when the server has one and on the CPU otherwise, so one repository loads on either
+PREFERRED = {"gpu": ("tensorrt", "fp16", "ort-opt", "onnx"), "cpu": ("ort-opt", "onnx", "int8", "int8-static"),
+             "auto": ("onnx", "ort-opt")}
+INSTANCE_KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU", "auto": "KIND_AUTO"}
 PLATFORMS = {".onnx": "onnxruntime_onnx", ".plan": "tensorrt_plan"}
 DTYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float": "TYPE_FP32", "float32": "TYPE_FP32",
           "float16": "TYPE_FP16"}
@@ -70,7 +75,7 @@ def classifier_config(name: str, variant: dict[str, Any], file: Path, num_labels
     inputs = variant.get("inputs") or {}
     if not inputs:
         raise ModelError(f"the manifest does not describe the inputs of {file.name}; re-export the artifact")
-    kind = pb.ModelInstanceGroup.Kind.Value("KIND_GPU" if cfg.kind == "gpu" else "KIND_CPU")
+    kind = pb.ModelInstanceGroup.Kind.Value(INSTANCE_KINDS[cfg.kind])
     return pb.ModelConfig(
         name=name, platform=PLATFORMS[file.suffix], max_batch_size=cfg.max_batch,
         input=[_tensor(pb, n, DTYPES[spec["dtype"]], [-1]) for n, spec in inputs.items()],
@@ -91,19 +96,35 @@ def tokenizer_config(name: str, input_names: list[str], max_length: int, cfg: Tr
         parameters={"max_length": pb.ModelParameter(string_value=str(max_length))})
 
 
-def ensemble_config(name: str, tokenizer: str, classifier: str, input_names: list[str], num_labels: int,
+def labels_config(name: str, label_names: list[str], cfg: TritonConfig) -> Any:
+    pb = model_config_pb2()
+    return pb.ModelConfig(
+        name=name, backend="python", max_batch_size=cfg.max_batch,
+        input=[_tensor(pb, "logits", "TYPE_FP32", [len(label_names)])],
+        output=[_tensor(pb, "LABEL", "TYPE_STRING", [1]),
+                _tensor(pb, "PROBABILITIES", "TYPE_FP32", [len(label_names)])],
+        dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=cfg.queue_delay_us),
+        instance_group=[pb.ModelInstanceGroup(count=cfg.instances, kind=pb.ModelInstanceGroup.Kind.Value("KIND_CPU"))],
+        parameters={"labels": pb.ModelParameter(string_value=json.dumps(label_names))})
+
+
+def ensemble_config(name: str, models: dict[str, str], input_names: list[str], num_labels: int,
                     cfg: TritonConfig) -> Any:
+    """Raw text in; the label, the probabilities and the logits out (what kdship serve answers)."""
     pb = model_config_pb2()
     step = pb.ModelEnsembling.Step
     return pb.ModelConfig(
         name=name, platform="ensemble", max_batch_size=cfg.max_batch,
         input=[_tensor(pb, "TEXT", "TYPE_STRING", [1])],
-        output=[_tensor(pb, "logits", "TYPE_FP32", [num_labels])],
+        output=[_tensor(pb, "LABEL", "TYPE_STRING", [1]), _tensor(pb, "PROBABILITIES", "TYPE_FP32", [num_labels]),
+                _tensor(pb, "logits", "TYPE_FP32", [num_labels])],
         ensemble_scheduling=pb.ModelEnsembling(step=[
-            step(model_name=tokenizer, model_version=-1, input_map={"TEXT": "TEXT"},
+            step(model_name=models["tokenizer"], model_version=-1, input_map={"TEXT": "TEXT"},
                  output_map={n: n for n in input_names}),
-            step(model_name=classifier, model_version=-1, input_map={n: n for n in input_names},
+            step(model_name=models["classifier"], model_version=-1, input_map={n: n for n in input_names},
                  output_map={"logits": "logits"}),
+            step(model_name=models["labels"], model_version=-1, input_map={"logits": "logits"},
+                 output_map={"LABEL": "LABEL", "PROBABILITIES": "PROBABILITIES"}),
         ]))
 
 
@@ -139,15 +160,19 @@ def deploy_triton(cfg: TritonConfig) -> dict[str, Any]:
     if cfg.verify:
         verify_manifest(artifact, manifest, variant["file"])
     input_names = list(variant["inputs"])
-    num_labels = len(json.loads((artifact / "config.json").read_text())["id2label"])
+    id2label = json.loads((artifact / "config.json").read_text())["id2label"]
+    label_names = [str(id2label[str(i)]) for i in range(len(id2label))]
+    num_labels = len(label_names)
     max_length = cfg.max_length or manifest.get("max_length") or 128
-    models = {"ensemble": name, "tokenizer": f"{name}_tokenizer", "classifier": f"{name}_model"}
+    models = {"ensemble": name, "tokenizer": f"{name}_tokenizer", "classifier": f"{name}_model",
+              "labels": f"{name}_labels"}
     with staged_dir(Path(cfg.output), cfg.overwrite) as repo:
         _write_config(repo / models["classifier"], classifier_config(models["classifier"], variant, source,
                                                                      num_labels, cfg))
         shutil.copy2(source, repo / models["classifier"] / "1" / f"model{source.suffix}")
         _write_config(repo / models["tokenizer"], tokenizer_config(models["tokenizer"], input_names, max_length, cfg))
         _tokenizer_files(artifact, repo / models["tokenizer"] / "1")
-        _write_config(repo / name, ensemble_config(name, models["tokenizer"], models["classifier"], input_names,
-                                                   num_labels, cfg))
+        _write_config(repo / models["labels"], labels_config(models["labels"], label_names, cfg))
+        shutil.copy2(Path(__file__).with_name("triton_labels.py"), repo / models["labels"] / "1" / "model.py")
+        _write_config(repo / name, ensemble_config(name, models, input_names, num_labels, cfg))
     return {"output": cfg.output, "models": models, "variant": variant_name, "max_length": max_length}

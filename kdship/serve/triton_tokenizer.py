@@ -47,8 +47,13 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils  # only exists inside Triton
 
         responses = []
-        for request in requests:
-            texts = decode_text_input(pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy())
+        for request in requests:  # one request's bad text is that request's error, not the whole batch's
+            try:
+                texts = decode_text_input(pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy())
+            except UnicodeDecodeError as e:
+                error = pb_utils.TritonError(f"TEXT is not UTF-8 text (byte {e.start}); send UTF-8 strings")
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
+                continue
             arrays = encode(self.tokenizer, texts, self.output_names)
             tensors = [pb_utils.Tensor(name, value) for name, value in arrays.items()]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
