@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -12,7 +13,8 @@ from kdship.ui import quiet_libraries
 quiet_libraries()  # the logs hold kdship's progress and results, not transformers' load reports
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SHARED = Path(__file__).resolve().parents[2] / "shared"  # ../shared beside the checkout
+# ../shared beside the checkout; KDSHIP_SHARED names another copy (the GPU machine gets one carried in the checkout)
+SHARED = Path(os.environ.get("KDSHIP_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 
 
 def device_name() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -121,6 +122,25 @@ def part_distill(s: dict[str, Any], work: Path, models: dict[str, Path]) -> dict
     return {k: record["training"][k] for k in ("samples_per_second", "train_seconds", "steps", "global_batch")}
 
 
+CARRIED_SHARED = ROOT / "benchmarks" / "gpu" / "shared"  # git-ignored: ../shared's data and MiniLM, carried along
+
+
+def part_seed_claims(work: Path, dry: bool) -> dict[str, Any]:
+    """benchmarks/seed_claims.py at its GPU budget (--smoke on a dry run), on the data carried beside the checkout;
+    its own JSON is benchmarks/results/seed_claims_gpu.json."""
+    shared = CARRIED_SHARED if (CARRIED_SHARED / "data" / "sst2").is_dir() else ROOT.parent / "shared"
+    minilm = shared / "minilm"
+    if not (shared / "data" / "sst2").is_dir() or not (minilm / "config.json").exists():
+        raise RuntimeError(f"needs ../shared's data and all-MiniLM-L6-v2 (get-minilm.sh) at {CARRIED_SHARED}: copy "
+                           "data/{sst2,corpus,wikitext2} and minilm/ there and carry the folder")
+    command = [sys.executable, str(ROOT / "benchmarks" / "seed_claims.py"), "--minilm", str(minilm),
+               "--work", str(work / "seed_claims"), "--smoke" if dry else "--gpu"]
+    run = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "KDSHIP_SHARED": str(shared)})
+    if run.returncode:
+        raise RuntimeError(run.stderr[-2000:])
+    return {"claims": [line for line in run.stdout.splitlines() if line.startswith(("held", "NOT held"))]}
+
+
 def run_part(name: str, fn: Callable[[], Any], out: Path, env: dict[str, Any], dry: bool) -> None:
     started = time.perf_counter()
     try:
@@ -137,6 +157,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="kdship GPU verification (see verify.sh)")
     parser.add_argument("--dry-run", action="store_true", help="tiny models and CPU paths: checks the script")
     parser.add_argument("--out", type=Path, help="where the JSON goes (default benchmarks/results, dry: a temp dir)")
+    parser.add_argument("--seed-claims", action="store_true", help="only benchmarks/seed_claims.py at its GPU "
+                        "budget (a second call: it does not fit beside the rest in one)")
     args = parser.parse_args()
     s = DRY if args.dry_run else FULL
     out = args.out or (Path(tempfile.mkdtemp(prefix="kdship-verify-")) if args.dry_run else ROOT / "benchmarks" / "results")
@@ -148,6 +170,9 @@ def main() -> None:
     if not env["cuda"] and not args.dry_run:
         print("no CUDA device here: run with --dry-run to check the script on a CPU", flush=True)
         sys.exit(2)
+    if args.seed_claims:
+        run_part("seed_claims", lambda: part_seed_claims(work, args.dry_run), out, env, args.dry_run)
+        return
     models = make_models(s, work)
     run_part("tests", lambda: part_tests(s, work, args.dry_run), out, env, args.dry_run)
     run_part("export", lambda: part_export(s, work, models), out, env, args.dry_run)

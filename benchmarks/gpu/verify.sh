@@ -9,6 +9,11 @@
 # Missing pieces are reported as parts not run, with the reason; nothing fails midway.
 #   bash benchmarks/gpu/verify.sh            # on the GPU machine
 #   bash benchmarks/gpu/verify.sh --dry-run  # anywhere: tiny models, CPU paths, results to a temp folder (CI runs it)
+# A second call runs benchmarks/seed_claims.py at its GPU budget (issue 12's claims; sized for ~8 minutes, not yet
+# run on a GPU). It needs ../shared's data and all-MiniLM-L6-v2 in the git-ignored benchmarks/gpu/shared/
+# (data/sst2, data/corpus, data/wikitext2, minilm/ from get-minilm.sh): carry that folder; MiniLM's fp32 weights
+# (88 MB) exceed one call's 64 MiB, so split model.safetensors over two calls and rejoin it there (cat).
+#   bash benchmarks/gpu/verify.sh --seed-claims
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 exec python benchmarks/gpu/verify.py "$@"
