@@ -137,7 +137,9 @@ Epochs = Annotated[Optional[float], typer.Option("--epochs")]
 MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help="stop after N optimizer steps")]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size")]
 GradAccum = Annotated[Optional[int], typer.Option("--grad-accum", help="micro-batches per optimizer step")]
-Lr = Annotated[Optional[float], typer.Option("--lr")]
+Lr = Annotated[Optional[float], typer.Option("--lr", help="peak learning rate")]
+StudentLr = Annotated[Optional[float], typer.Option("--lr", help="peak learning rate; default by how each student "
+                                                                 "starts: 1e-4 pretrained, 5e-4 random")]
 EvalEvery = Annotated[Optional[int], typer.Option("--eval-every", help="evaluate every N steps (default: per epoch)")]
 SaveEvery = Annotated[Optional[int], typer.Option("--save-every", help="checkpoint every N steps for --resume")]
 Seed = Annotated[Optional[int], typer.Option("--seed")]
@@ -268,7 +270,7 @@ def distill(
     data: Data = None, eval_data: EvalData = None, text_column: TextColumn = None, label_column: LabelColumn = None,
     max_length: MaxLength = None, max_train_samples: MaxTrain = None, max_eval_samples: MaxEval = None,
     objective: Objective = None, epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None,
-    grad_accum: GradAccum = None, lr: Lr = None, eval_every: EvalEvery = None, save_every: SaveEvery = None,
+    grad_accum: GradAccum = None, lr: StudentLr = None, eval_every: EvalEvery = None, save_every: SaveEvery = None,
     seed: Seed = None, device: Device = None, precision: Precision = None, sharding: Sharding = None,
     output: Output = None, recipe: Recipe = None, resume: Resume = None, overwrite: Overwrite = None,
     allow_pickle_weights: AllowPickle = None,

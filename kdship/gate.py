@@ -74,11 +74,14 @@ def _collapse_checks(runs: Runs) -> list[Check]:
     """One check per evaluated model whose record says whether it collapsed (kdship.sanity): a model that learned
     nothing fails the gate whatever the budgets say."""
     checks = []
-    for folder, record in [*runs.evals.items(), *runs.models.items()]:
-        found = record.get("checks") or {}
+    judged = {}  # folder -> (its checks, its metrics): kdship eval's verdict where there is one, else the record's
+    for folder, record in runs.models.items():
+        judged[folder] = (record.get("checks") or {}, record.get("metrics", {}))
+    for folder, report in runs.evals.items():
+        judged[folder] = (report.get("checks") or {}, report["student"])
+    for folder, (found, metrics) in judged.items():
         if "collapsed" not in found:
             continue
-        metrics = record["student"] if "student" in record else record.get("metrics", {})
         floor = max(found["baseline"]["majority_rate"], found["baseline"]["chance"])
         checks.append(Check(f"{Path(folder).name} not collapsed (accuracy above the majority-class rate)",
                             metrics.get("accuracy", 0.0), floor, ">", not found["collapsed"]))
@@ -155,7 +158,7 @@ def _baseline_checks(cfg: GateConfig, budgets: Budgets, facts: dict[str, float])
             continue
         if key.endswith(("accuracy", "recall_at_1")):
             checks.append(Check.of(f"baseline: {key}", value, ">=", base[key] - tol.accuracy))
-        else:
+        elif tol.latency_ratio is not None:
             checks.append(Check.of(f"baseline: {key}", value, "<=", base[key] * tol.latency_ratio))
     return checks
 

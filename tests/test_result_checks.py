@@ -137,6 +137,10 @@ def test_a_collapsed_student_is_warned_about_marked_and_failed_by_the_gate(teach
     gated = kdship("gate", tmp_path / "still-collapsed", "--budgets", budgets)
     assert gated.exit_code == 1
     assert "✗ still-collapsed not collapsed" in gated.output and "✓ student accuracy" in gated.output
+    # one line per folder (kdship eval's verdict over the record's), showing the accuracy it judged
+    lines = [line for line in gated.output.splitlines() if "not collapsed" in line and not line.startswith("error")]
+    accuracy = json.loads((tmp_path / "still-collapsed" / "eval.json").read_text())["student"]["accuracy"]
+    assert len(lines) == 1 and f": {accuracy:g} (limit >" in lines[0], lines
 
 
 def test_a_healthy_student_is_not_marked(teacher_dir, data_dir, tmp_path):
