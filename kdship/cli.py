@@ -299,7 +299,9 @@ def distill(
 
 @command(name="eval", config="EvalConfig")
 def evaluate(
-    student: Annotated[str, typer.Option("--student", help="student folder")],
+    model: Annotated[Optional[str], typer.Argument(help="the model to evaluate (a student folder), named as "
+                                                        "export, bench and serve name theirs")] = None,
+    student: Annotated[Optional[str], typer.Option("--student", help="the same, as an option (older spelling)")] = None,
     teacher: Annotated[Optional[str], typer.Option("--teacher", help="teacher folder (for retention/agreement)")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="eval data file or hub id[:split]")] = None,
     text_column: TextColumn = None, label_column: LabelColumn = None, max_length: MaxLength = None,
@@ -310,10 +312,15 @@ def evaluate(
 ) -> None:
     """Evaluate student and teacher on the same split: accuracy, macro-F1, retention, agreement, ECE."""
     from kdship.config import EvalConfig, build_config
+    from kdship.errors import ConfigError
     from kdship.evaluate import evaluate as run
     from kdship.evaluate import print_eval
 
-    cfg = build_config(EvalConfig, recipe, student=student, teacher=teacher, batch_size=batch_size, device=device,
+    if model and student and model != student:
+        raise ConfigError(f"two models to evaluate: {model} and --student {student}; give one")
+    if not (model or student or recipe):
+        raise ConfigError("no model to evaluate; kdship eval STUDENT --teacher TEACHER --data DEV")
+    cfg = build_config(EvalConfig, recipe, student=model or student, teacher=teacher, batch_size=batch_size, device=device,
                        output=output, data=_data(None, data, text_column, label_column, max_length, None,
                                                  max_eval_samples), allow_pickle_weights=allow_pickle_weights)
     print_eval(run(cfg))

@@ -220,3 +220,12 @@ def test_version_short_help_and_the_defaults_a_run_gets_in_help():
     assert "1e-4 pretrained, 5e-4 random" in distill["--lr"]  # no single default: it says how it is chosen
     assert "[default: (5e-05)]" in _option_help(kdship_ok("train", "--help").output)["--lr"]
     assert "--install-completion" in kdship_ok("--help").output
+
+
+def test_eval_names_its_model_as_the_other_commands_do(teacher_dir, data_dir, tmp_path):
+    kdship_ok("eval", teacher_dir, "--data", data_dir / "dev.tsv", "-o", tmp_path / "a.json")
+    kdship_ok("eval", "--student", teacher_dir, "--data", data_dir / "dev.tsv", "-o", tmp_path / "b.json")  # old
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert a["student"] == b["student"]
+    missing = kdship("eval", "--data", data_dir / "dev.tsv")
+    assert missing.exit_code == 2 and "kdship eval STUDENT" in missing.output
