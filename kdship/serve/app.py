@@ -26,7 +26,7 @@ from kdship.models import under_weights_policy
 from kdship.config import ServeConfig
 from kdship.serve.batcher import DynamicBatcher
 from kdship.serve.model import ServedModel
-from kdship.serve.protocols import PROTOCOL_PATHS, HttpError, ModelFailed, add_protocol_routes
+from kdship.serve.protocols import PROTOCOL_PATHS, HttpError, ModelFailed, add_protocol_routes, check_text_limits
 
 
 class ClassifyRequest(BaseModel):
@@ -95,12 +95,7 @@ def parse_classify(body: bytes, content_type: str, cfg: ServeConfig) -> list[str
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise HttpError(422, f"{where}: {first['msg']}; send {{\"texts\": [\"...\"]}}") from None
-    if len(texts) > cfg.max_texts:
-        raise HttpError(413, f"{len(texts)} texts in one request; the limit is {cfg.max_texts}")
-    too_long = next((i for i, t in enumerate(texts) if len(t) > cfg.max_text_chars), None)
-    if too_long is not None:
-        raise HttpError(413, f"texts.{too_long} has {len(texts[too_long])} characters; the limit is "
-                             f"{cfg.max_text_chars}")
+    check_text_limits(texts, cfg, "texts")
     return texts
 
 

@@ -119,18 +119,20 @@ def infer_texts(payload: dict[str, Any], binary: bytes, cfg: ServeConfig) -> lis
     shape = found.get("shape")
     if not isinstance(shape, list) or int(np.prod(shape or [0])) != len(texts):
         raise HttpError(400, f"input {TEXT_INPUT!r} has shape {shape} but {len(texts)} elements")
-    _check_limits(texts, cfg, TEXT_INPUT)
+    check_text_limits(texts, cfg, TEXT_INPUT)
     return texts
 
 
-def _check_limits(texts: list[str], cfg: ServeConfig, where: str) -> None:
+def check_text_limits(texts: list[str], cfg: ServeConfig, where: str) -> None:
+    """The server's request limits, the same on every route: at least one text, at most max_texts, each at most
+    max_text_chars characters."""
     if not texts:
         raise HttpError(400, f"{where} is empty; send at least one text")
     if len(texts) > cfg.max_texts:
         raise HttpError(413, f"{len(texts)} texts in one request; the limit is {cfg.max_texts}")
     too_long = next((i for i, t in enumerate(texts) if len(t) > cfg.max_text_chars), None)
     if too_long is not None:
-        raise HttpError(413, f"{where}[{too_long}] has {len(texts[too_long])} characters; the limit is "
+        raise HttpError(413, f"{where}.{too_long} has {len(texts[too_long])} characters; the limit is "
                                  f"{cfg.max_text_chars}")
 
 
@@ -184,7 +186,7 @@ def tei_texts(payload: Any, cfg: ServeConfig) -> tuple[list[str], bool]:
     else:
         raise HttpError(422, "send {\"inputs\": \"a text\"} or {\"inputs\": [\"a text\", ...]} (text pairs "
                                  "are not served: this model classifies single texts)")
-    _check_limits(texts, cfg, "inputs")
+    check_text_limits(texts, cfg, "inputs")
     return texts, single
 
 
