@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import logging
+import warnings
+
 import torch
 
 from kdship.errors import CheckFailed
@@ -107,9 +110,18 @@ def export_for_fusion(ctx: ExportContext, path: Path) -> None:
     check_dynamic_axes(path)
 
 
+def _quiet_exporter() -> None:
+    """The dynamo exporter logs a "torchvision is not installed. Skipping torchvision::<op>" warning per op of a
+    library kdship does not use (importing torch resets the level, so it is set here); its real errors are
+    exceptions, which the export reports. torch.export's own pytree code trips a deprecation it raised itself."""
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
 @register_exporter("onnx", "model.onnx", "fp32", Tolerance(max_abs=1e-4, min_agreement=1.0))
 def export_onnx(ctx: ExportContext) -> Path:
     """ONNX (fp32) via torch.onnx dynamo export, dynamic batch and sequence axes."""
+    _quiet_exporter()
     program, names = exported_program(ctx)
     path = ctx.out_dir / "model.onnx"
     onnx_program = torch.onnx.export(program, dynamo=True, opset_version=ctx.config.opset, input_names=names,

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from kdship.exporters import ExportContext, Tolerance, register_exporter
+from kdship.ui import without_log_message
 
 # Kept in fp32 inside the fp16 model: their reductions overflow or lose too much in fp16 (a known BERT pitfall).
 FP32_OPS = ["LayerNormalization", "SkipLayerNormalization", "EmbedLayerNormalization", "SimplifiedLayerNormalization",
@@ -65,9 +66,11 @@ def export_int8_dynamic(ctx: ExportContext) -> Path:
     import onnx
 
     path = ctx.out_dir / "model_int8.onnx"
-    # shape inference cannot type the fused (com.microsoft) Attention outputs; they are fp32
-    quantize_dynamic(str(ctx.files["ort-opt"]), str(path), weight_type=QuantType.QInt8, per_channel=True,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    # shape inference cannot type the fused (com.microsoft) Attention outputs; they are fp32. ORT suggests its
+    # pre-processing for every graph, but this one is the optimised graph already: the hint would only mislead
+    with without_log_message("Please consider to run pre-processing before quantization"):
+        quantize_dynamic(str(ctx.files["ort-opt"]), str(path), weight_type=QuantType.QInt8, per_channel=True,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     ctx.details["int8"] = {"weights": "int8 per-channel", "activations": "dynamic"}
     return path
 

@@ -103,3 +103,16 @@ def test_export_of_a_model_without_data_checks_parity_on_built_in_texts(teacher_
                                       "rows": manifest["config"]["eval_samples"], "accuracy_measured": False}
     onnx = manifest["variants"]["onnx"]["parity"]
     assert onnx["passed"] and onnx["agreement"] == 1.0 and "accuracy" not in onnx
+
+
+def test_export_output_is_kdships_not_other_libraries_noise(teacher_dir, data_dir, tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "kdship.cli", "export", str(teacher_dir), "--to", "onnx,ort-opt,int8",
+                           "--eval-data", str(data_dir / "dev.tsv"), "-o", str(tmp_path / "a")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    both = done.stdout + done.stderr
+    for noise in ("Skipping torchvision", "pre-processing before quantization", "LeafSpec"):
+        assert noise not in both, both[-2000:]
