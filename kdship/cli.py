@@ -337,6 +337,10 @@ def export(
     calib_data: Annotated[Optional[str], typer.Option("--calib-data", help="int8-static calibration data")] = None,
     max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop")] = None,
     allow_mismatch: Annotated[Optional[bool], typer.Option("--allow-mismatch", help="write even if parity fails")] = None,
+    trt_opt: Annotated[Optional[str], typer.Option("--trt-opt", help="TensorRT profile: BATCHxSEQ to optimise "
+                                                                     "for, e.g. 8x128")] = None,
+    trt_max: Annotated[Optional[str], typer.Option("--trt-max", help="TensorRT profile: the largest BATCHxSEQ "
+                                                                     "the engine accepts, e.g. 256x512")] = None,
     text_column: TextColumn = None, label_column: LabelColumn = None, max_length: MaxLength = None,
     allow_pickle_weights: AllowPickle = None, overwrite: Overwrite = None, recipe: Recipe = None,
 ) -> None:
@@ -344,10 +348,12 @@ def export(
     from kdship.config import ExportConfig, build_config
     from kdship.export import export as run
 
+    (opt_batch, opt_seq), (max_batch, max_seq) = _batch_by_seq(trt_opt, "--trt-opt"), _batch_by_seq(trt_max, "--trt-max")
     cfg = build_config(ExportConfig, recipe, student=student, to=to, output=output, opset=opset, eval_data=eval_data,
                        calib_data=calib_data, max_accuracy_drop=max_accuracy_drop, allow_mismatch=allow_mismatch,
                        text_columns=text_column, label_column=label_column, max_length=max_length,
-                       allow_pickle_weights=allow_pickle_weights, overwrite=overwrite)
+                       allow_pickle_weights=allow_pickle_weights, overwrite=overwrite, trt_opt_batch=opt_batch,
+                       trt_opt_seq=opt_seq, trt_max_batch=max_batch, trt_max_seq=max_seq)
     result = run(cfg)
     typer.echo(f"wrote {result['output']} ({', '.join(v['file'] for v in result['variants'].values())})")
 
@@ -376,6 +382,18 @@ def serve(
                      threads=threads, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
                      max_texts=max_texts, max_text_chars=max_text_chars, verify=verify,
                      allow_pickle_weights=allow_pickle_weights))
+
+
+def _batch_by_seq(value: str | None, flag: str) -> tuple[int | None, int | None]:
+    """'8x128' -> (8, 128); None -> (None, None): the recipe's or the config's profile stays."""
+    from kdship.errors import ConfigError
+
+    if value is None:
+        return None, None
+    parts = value.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError(f"{flag} {value!r}: give BATCHxSEQ, two positive integers, e.g. 8x128")
+    return int(parts[0]), int(parts[1])
 
 
 def _ints(value: str | None) -> list[int] | None:

@@ -400,6 +400,13 @@ class ExportConfig(Strict):
                                                           "from a folder without safetensors")
     overwrite: bool = False
 
+    @model_validator(mode="after")
+    def _profile_in_order(self) -> "ExportConfig":
+        if self.trt_opt_batch > self.trt_max_batch or self.trt_opt_seq > self.trt_max_seq:
+            raise ValueError(f"the TensorRT profile's opt shape {self.trt_opt_batch}x{self.trt_opt_seq} exceeds its "
+                             f"max {self.trt_max_batch}x{self.trt_max_seq}; raise --trt-max or lower --trt-opt")
+        return self
+
     @field_validator("to")
     @classmethod
     def _known_targets(cls, v: list[str]) -> list[str]:

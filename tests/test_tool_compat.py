@@ -116,3 +116,16 @@ def test_export_output_is_kdships_not_other_libraries_noise(teacher_dir, data_di
     both = done.stdout + done.stderr
     for noise in ("Skipping torchvision", "pre-processing before quantization", "LeafSpec"):
         assert noise not in both, both[-2000:]
+
+
+def test_tensorrt_profile_shapes_from_the_command_line(teacher_dir, tmp_path):
+    from conftest import kdship, kdship_ok
+
+    kdship_ok("export", teacher_dir, "--to", "onnx", "--trt-opt", "4x32", "--trt-max", "16x64", "-o", tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "manifest.json").read_text())["config"]
+    assert (config["trt_opt_batch"], config["trt_opt_seq"], config["trt_max_batch"], config["trt_max_seq"]) == (
+        4, 32, 16, 64)
+    for flags, message in ((["--trt-opt", "8"], "give BATCHxSEQ"), (["--trt-opt", "64x32", "--trt-max", "16x64"],
+                                                                   "exceeds its max")):
+        bad = kdship("export", teacher_dir, "--to", "onnx", *flags, "-o", tmp_path / "b")
+        assert bad.exit_code == 2 and message in bad.output and not (tmp_path / "b").exists()
