@@ -142,6 +142,10 @@ StudentLr = Annotated[Optional[float], typer.Option("--lr", help="peak learning 
                                                                  "starts: 1e-4 pretrained, 5e-4 random")]
 EvalEvery = Annotated[Optional[int], typer.Option("--eval-every", help="evaluate every N steps (default: per epoch)")]
 SaveEvery = Annotated[Optional[int], typer.Option("--save-every", help="checkpoint every N steps for --resume")]
+ReportTo = Annotated[Optional[list[str]], typer.Option("--report-to", help="tensorboard | wandb | mlflow (repeat or "
+                                                                          "comma-separate): experiment tracking")]
+LoggingDir = Annotated[Optional[str], typer.Option("--logging-dir", help="where trackers write (default: "
+                                                                         "OUTPUT-logs)")]
 Seed = Annotated[Optional[int], typer.Option("--seed")]
 Device = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda")]
 Precision = Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 on CUDA) | fp32 | bf16")]
@@ -160,6 +164,11 @@ def _data(train: str | None = None, eval: str | None = None, text_columns: list[
           max_eval_samples: int | None = None) -> dict[str, Any]:
     return {"train": train, "eval": eval, "text_columns": text_columns or None, "label_column": label_column,
             "max_length": max_length, "max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples}
+
+
+def _names(values: list[str] | None) -> list[str] | None:
+    """Repeated and comma-separated flag values as one list."""
+    return [v.strip() for value in values for v in value.split(",") if v.strip()] if values else None
 
 
 def _selection(by: str | None, ratio: float | None, mode: str | None, refresh: int | None) -> dict[str, Any]:
@@ -201,6 +210,7 @@ def train(
     max_length: MaxLength = None, max_train_samples: MaxTrain = None, max_eval_samples: MaxEval = None,
     objective: Objective = None, epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None,
     grad_accum: GradAccum = None, lr: Lr = None, eval_every: EvalEvery = None, save_every: SaveEvery = None,
+    report_to: ReportTo = None, logging_dir: LoggingDir = None,
     seed: Seed = None, device: Device = None, precision: Precision = None, sharding: Sharding = None,
     output: Output = None, recipe: Recipe = None, resume: Resume = None, overwrite: Overwrite = None,
     allow_pickle_weights: AllowPickle = None,
@@ -217,7 +227,8 @@ def train(
         selection=_selection(select_by, select_ratio, select_mode, select_refresh), sharding=sharding,
         data=_data(data, eval_data, text_column, label_column, max_length, max_train_samples, max_eval_samples),
         objective=objective, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
-        lr=lr, eval_every=eval_every, save_every=save_every, seed=seed, device=device, precision=precision,
+        lr=lr, eval_every=eval_every, save_every=save_every,
+        report_to=_names(report_to), logging_dir=logging_dir, seed=seed, device=device, precision=precision,
         output=output, resume=resume, overwrite=overwrite, allow_pickle_weights=allow_pickle_weights)
     _print_run(run(cfg))
 
@@ -271,6 +282,7 @@ def distill(
     max_length: MaxLength = None, max_train_samples: MaxTrain = None, max_eval_samples: MaxEval = None,
     objective: Objective = None, epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None,
     grad_accum: GradAccum = None, lr: StudentLr = None, eval_every: EvalEvery = None, save_every: SaveEvery = None,
+    report_to: ReportTo = None, logging_dir: LoggingDir = None,
     seed: Seed = None, device: Device = None, precision: Precision = None, sharding: Sharding = None,
     output: Output = None, recipe: Recipe = None, resume: Resume = None, overwrite: Overwrite = None,
     allow_pickle_weights: AllowPickle = None,
@@ -288,7 +300,8 @@ def distill(
         selection=_selection(select_by, select_ratio, select_mode, select_refresh), sharding=sharding,
         data=_data(data, eval_data, text_column, label_column, max_length, max_train_samples, max_eval_samples),
         objective=objective, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
-        lr=lr, eval_every=eval_every, save_every=save_every, seed=seed, device=device, precision=precision,
+        lr=lr, eval_every=eval_every, save_every=save_every,
+        report_to=_names(report_to), logging_dir=logging_dir, seed=seed, device=device, precision=precision,
         output=output, resume=resume, overwrite=overwrite, allow_pickle_weights=allow_pickle_weights,
         keep_going=keep_going)
     if "final" in result:  # a pipeline

@@ -134,6 +134,9 @@ class RunConfig(Strict):
                                 "partners, no labels) or classify (labelled pairs, from u, v and |u-v|)")
     epochs: float = Field(3.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="experiment trackers (Accelerate's): losses, learning rate, evaluations")
+    logging_dir: str | None = Field(None, description="where trackers write; default <output>-logs beside it")
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int = Field(128, ge=1)
     grad_accum: int = Field(1, ge=1)

@@ -23,6 +23,7 @@ from kdship.config import RunConfig, to_record
 from kdship.data import Encoded, bucket_batches, collate
 from kdship.errors import ConfigError
 from kdship.runtime import Runtime, full_state_dict, load_full_state_dict, unwrapped
+from kdship.tracking import logging_dir_for, tracked
 from kdship.trainee import Trainee
 
 CHECKPOINT = "checkpoint.pt"
@@ -307,7 +308,10 @@ def fit(cfg: RunConfig, plan: TrainingPlan, train: Encoded, tokenizer: Any, run_
     eval_every = cfg.eval_every or groups_per_epoch
     lengths = train.lengths()
     pending_samples = 0  # this process's samples since the last count over all processes
-    with _progress(progress_label, total, state.step, runtime.is_main) as bar:
+    output = Path(cfg.output or run_dir.name)
+    trackers = tracked(cfg.report_to, output.name, logging_dir_for(output, cfg.logging_dir), to_record(cfg),
+                       runtime.is_main)
+    with _progress(progress_label, total, state.step, runtime.is_main) as bar, trackers as track:
         while state.step < total:
             batches = global_batches(lengths, cfg, runtime.world, state.epoch)
             groups = [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
@@ -327,6 +331,10 @@ def fit(cfg: RunConfig, plan: TrainingPlan, train: Encoded, tokenizer: Any, run_
                     pending_samples = 0
                 if due_eval:
                     _evaluate(plan, state, run_dir, runtime)
+                    track(state.step, {f"eval/{k}": v for k, v in state.history[-1].items() if k not in ("step", "epoch")})
+                if cfg.report_to and (state.step % LOG_EVERY == 0 or state.step == total):
+                    track(state.step, {**{f"train/{k}": float(v) for k, v in logs.items()},
+                                       "train/lr": scheduler.get_last_lr()[0]})
                 bar(state, logs)  # after the evaluation, so the line of an evaluation's step shows it
                 if due_save:
                     checkpointer.save(plan, optimizer, scheduler, state)

@@ -129,3 +129,24 @@ def test_tensorrt_profile_shapes_from_the_command_line(teacher_dir, tmp_path):
                                                                    "exceeds its max")):
         bad = kdship("export", teacher_dir, "--to", "onnx", *flags, "-o", tmp_path / "b")
         assert bad.exit_code == 2 and message in bad.output and not (tmp_path / "b").exists()
+
+
+def test_report_to_tensorboard_logs_losses_learning_rate_and_evaluations(data_dir, teacher_dir, tmp_path,
+                                                                          monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import kdship, kdship_ok
+
+    args = ["train", "--init", "bert:layers=1,hidden=32,heads=2,ffn=64,max_len=64", "--tokenizer", teacher_dir,
+            "--data", data_dir / "train.tsv", "--eval-data", data_dir / "dev.tsv", "--batch-size", 8,
+            "--max-steps", 20, "--eval-every", 10, "--report-to", "tensorboard"]
+    kdship_ok(*args, "-o", tmp_path / "run")
+    [events] = (tmp_path / "run-logs" / "run").glob("events.out.tfevents.*")  # beside it: the hparams run
+    scalars = EventAccumulator(str(events.parent)).Reload()
+    tags = scalars.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "eval/accuracy"} <= set(tags), tags
+    assert [e.step for e in scalars.Scalars("eval/accuracy")] == [10, 20]
+    assert [e.step for e in scalars.Scalars("train/loss")] == [10, 20]
+    monkeypatch.setitem(__import__("sys").modules, "tensorboard", None)  # as if the extra were not installed
+    missing = kdship(*args, "-o", tmp_path / "other")
+    assert missing.exit_code == 2 and "pip install 'kdship[tracking]'" in missing.output
