@@ -2,8 +2,8 @@
 
 Makes the built-in synthetic task (kdship.synthetic), trains a small teacher from a shape spec, distills a student
 with half its layers (initialised from the teacher's), evaluates both on the same split, exports both (ONNX,
-optimised, INT8, each checked against PyTorch), benchmarks them side by side, writes the report, and gates the
-result against the example budgets it writes beside it."""
+optimised, INT8, each checked against PyTorch), benchmarks them side by side, gates the result
+against the example budgets it writes beside it, and writes the report with the verdict."""
 
 from __future__ import annotations
 
@@ -91,11 +91,11 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     if not all(r["stable"] for r in measured["results"]):
         out.print("note: this machine was busy during the bench; the quickstart's gate accepts unstable speed rows, "
                   "`kdship gate` refuses them unless given --allow-unstable")
-    out.print("6/7 writing the report")
-    written = report(configs["report"])
-    out.print("7/7 gating the run against budgets.yaml")
+    out.print("6/7 gating the run against budgets.yaml")
     verdict = gate(configs["gate"])
     print_gate(verdict)
+    out.print("7/7 writing the report (with the gate's verdict)")
+    written = report(configs["report"])
     out.rule("done")
     for label, path in (("report", written["output"]), ("teacher", root / "teacher"), ("student", root / "student"),
                         ("artifact", root / "student-artifact"), ("bench", root / "bench"),

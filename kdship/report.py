@@ -18,6 +18,8 @@ from kdship.config import ReportConfig
 from kdship.runs import Runs, collect, headline_metrics
 
 
+MIN_ACCURACY_SPAN = 0.05
+
 # ---- plots -----------------------------------------------------------------------------------------------------------
 
 
@@ -35,7 +37,7 @@ def _png(fig) -> bytes:
 
     buffer = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buffer, format="png")
+    fig.savefig(buffer, format="png", bbox_inches="tight")  # long annotations and labels are not clipped
     plt.close(fig)
     return buffer.getvalue()
 
@@ -61,6 +63,29 @@ def bench_plots(bench: dict[str, Any]) -> dict[str, bytes]:
                 kind = "latency" if metric == "p50_ms" else "throughput"
                 plots[f"{kind}_{backend}_seq{seq}"] = _png(fig)
     return plots
+
+
+def training_curves(runs: Runs) -> bytes | None:
+    """Each trained model's evaluations over its steps (the history in its kdship.json), one line per model and
+    metric that was evaluated more than once."""
+    lines = []
+    for folder, record in runs.models.items():
+        history = record.get("history") or []
+        for metric in ("accuracy", "agreement", "mlm_loss", "recall_at_1"):
+            points = [(h["step"], h[metric]) for h in history if metric in h]
+            if len(points) > 1:
+                lines.append((f"{Path(folder).name} {metric}", points))
+    if not lines:
+        return None
+    fig, ax = _figure()
+    for label, points in lines:
+        ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("evaluation")
+    ax.set_title("training curves (eval split)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
 
 
 def pareto_points(runs: Runs) -> list[dict[str, Any]]:
@@ -99,6 +124,15 @@ def _accuracy_key(row: dict[str, Any], accuracy: dict[str, float], bench: dict[s
     return None
 
 
+def accuracy_axis(values: list[float]) -> tuple[float, float]:
+    """An accuracy axis at least MIN_ACCURACY_SPAN tall, within [0, 1]: 0.9975 vs 0.9988 (one example in 800)
+    must not fill the plot and look like a trade-off."""
+    low, high = min(values), max(values)
+    span = max(high - low, MIN_ACCURACY_SPAN) * 1.2
+    bottom = max(0.0, min((low + high) / 2 - span / 2, 1.0 - span))
+    return bottom, min(1.0, bottom + span)
+
+
 def pareto_plot(points: list[dict[str, Any]]) -> bytes:
     fig, ax = _figure()
     ordered = sorted(points, key=lambda p: p["p50_ms"])
@@ -114,6 +148,7 @@ def pareto_plot(points: list[dict[str, Any]]) -> bytes:
         ax.annotate(p["model"], (p["p50_ms"], p["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel(f"p50 latency (ms), {points[0]['at']}")
     ax.set_ylabel("accuracy")
+    ax.set_ylim(*accuracy_axis([p["accuracy"] for p in points]))
     ax.set_title("accuracy vs latency")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -147,10 +182,27 @@ def parity_table(folder: str, manifest: dict[str, Any]) -> tuple[str, list[str],
         p = v["parity"]
         size = Path(folder, v["file"]).stat().st_size / 2**20 if Path(folder, v["file"]).exists() else None
         rows.append([name, v["file"], v["precision"], f"{p['max_abs']:.2e}", _fmt(p["agreement"]),
-                     _fmt(p.get("accuracy")), _fmt(p.get("accuracy_drop")), f"{size:.2f}" if size else "",
-                     "✓" if p["passed"] else "✗"])
-    header = ["variant", "file", "precision", "max abs", "agreement", "accuracy", "accuracy drop", "MB", ""]
+                     _fmt(p.get("accuracy")), _fmt(p.get("accuracy_drop")), _tolerance(p.get("tolerance") or {}),
+                     f"{size:.2f}" if size else "", "✓" if p["passed"] else "✗"])
+    header = ["variant", "file", "precision", "max abs", "agreement", "accuracy", "accuracy drop", "tolerance", "MB",
+              ""]
     return f"Export parity: {Path(folder).name}", header, rows
+
+
+def _tolerance(t: dict[str, Any]) -> str:
+    """What the ✓ beside it was checked against."""
+    parts = [f"max abs ≤ {t['max_abs']:.0e}"] if t.get("max_abs") is not None else []
+    parts += [f"agreement ≥ {t['min_agreement']:.2f}"] if t.get("min_agreement") is not None else []
+    return ", ".join(parts)
+
+
+def gate_table(folder: str, verdict: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:
+    rows = [["✓" if c["passed"] else "✗", c["name"], _fmt(c["measured"]), f"{c['op']} {_fmt(c['limit'])}"]
+            for c in verdict["checks"]]
+    passed = sum(c["passed"] for c in verdict["checks"])
+    title = (f"Gate: {'passed' if verdict['passed'] else 'FAILED'} ({passed} of {len(verdict['checks'])} checks), "
+             f"{Path(folder).name}/gate.json")
+    return title, ["", "check", "measured", "limit"], rows
 
 
 def _speedup(r: dict[str, Any]) -> str:
@@ -160,14 +212,20 @@ def _speedup(r: dict[str, Any]) -> str:
     return f"{r['speedup_vs_baseline']:.2f}x ({low:.2f}-{high:.2f})"
 
 
+def _settled(r: dict[str, Any]) -> str:
+    return "yes" if r.get("stable", True) else "⚠ not settled: " + "; ".join(r.get("unstable_reasons", []))
+
+
 def bench_table(bench: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:
-    rows = [[r["model"], r["backend"], str(r["batch"]), str(r["seq"]), f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
-             f"{r['sequences_per_s']:.1f}", _speedup(r),
-             "yes" if r.get("stable", True) else "no: " + "; ".join(r.get("unstable_reasons", []))]
+    """Every measured point; a figure that did not settle is marked where it is read (its speedup too)."""
+    rows = [[r["model"], r.get("file", ""), r["backend"], str(r["batch"]), str(r["seq"]), f"{r['p50_ms']:.3f}",
+             f"{r['p90_ms']:.3f}" if "p90_ms" in r else "", f"{r['p99_ms']:.3f}", str(r.get("runs", "")),
+             f"{r['sequences_per_s']:.1f}", _speedup(r) + ("" if r.get("stable", True) or not _speedup(r) else " ⚠"),
+             _settled(r)]
             for r in bench["results"]]
     title = f"Latency and throughput on {bench['device']} ({bench['threads']} threads), speedup vs {bench['baseline']}"
-    return title, ["model", "backend", "batch", "seq", "p50 ms", "p99 ms", "seq/s", "speedup (95% interval)",
-                   "stable"], rows
+    return title, ["model", "file", "backend", "batch", "seq", "p50 ms", "p90 ms", "p99 ms", "runs", "seq/s",
+                   "speedup (95% interval)", "settled"], rows
 
 
 def model_table(runs: Runs) -> tuple[str, list[str], list[list[str]]]:
@@ -211,8 +269,11 @@ def build_sections(runs: Runs) -> list[tuple[str, list[Any]]]:
     ev = runs.main_eval()
     if ev:
         sections.append(("Accuracy", eval_tables(ev)))
+    for folder, verdict in runs.gates.items():
+        sections.append(("Gate", [gate_table(folder, verdict)]))
     if runs.models:
-        sections.append(("Models", [model_table(runs)]))
+        curves = training_curves(runs)
+        sections.append(("Models", [model_table(runs), *([("plot", "training_curves", curves)] if curves else [])]))
     if runs.artifacts:
         sections.append(("Export", [parity_table(f, m) for f, m in runs.artifacts.items()]))
     for folder, bench in runs.benches.items():

@@ -12,7 +12,7 @@ from kdship.artifacts import RECORD_NAME
 from kdship.errors import DataError
 from kdship.manifest import MANIFEST, read_manifest
 
-FILES = (RECORD_NAME, "eval.json", "manifest.json", "bench.json")
+FILES = (RECORD_NAME, "eval.json", "manifest.json", "bench.json", "gate.json")
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "ece")
 RETRIEVAL_METRICS = ("recall_at_1", "recall_at_5", "mrr")  # in-batch bi-encoders: no labels, pairs retrieve
 
@@ -28,6 +28,7 @@ class Runs:
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # folder -> eval.json
     artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)  # folder -> manifest.json
     benches: dict[str, dict[str, Any]] = field(default_factory=dict)  # folder -> bench.json
+    gates: dict[str, dict[str, Any]] = field(default_factory=dict)  # folder -> gate.json (kdship gate --json)
 
     def main_eval(self) -> dict[str, Any] | None:
         """The evaluation to headline: the last one that compares a student with its teacher."""
@@ -49,7 +50,7 @@ def _candidates(root: Path) -> list[Path]:
 def collect(paths: list[str]) -> Runs:
     runs = Runs()
     slots = {RECORD_NAME: runs.models, "eval.json": runs.evals, "manifest.json": runs.artifacts,
-             "bench.json": runs.benches}
+             "bench.json": runs.benches, "gate.json": runs.gates}
     for given in paths:
         root = Path(given)
         if not root.is_dir():

@@ -84,6 +84,28 @@ def test_report_holds_tables_plots_and_recipes(runs, tmp_path):
     assert sorted(p.name for p in (tmp_path / "report_assets").iterdir()) == [
         "latency_ort-cpu_seq16.png", "latency_torch_seq16.png", "pareto.png", "throughput_ort-cpu_seq16.png",
         "throughput_torch_seq16.png"]
+    # what a reader needs to trust a figure: p90 and runs, the benched file, the tolerance each ✓ means
+    assert "| p90 ms | p99 ms | runs |" in md and "model_optimized.onnx" in md and "max abs ≤ 1e-04" in md
+
+
+def test_report_shows_the_gates_verdict_and_training_curves(runs, teacher_dir, data_dir, tmp_path):
+    kdship_ok("distill", "--teacher", teacher_dir, "--student", "bert:layers=1", "--data", data_dir / "train.tsv",
+              "--eval-data", data_dir / "dev.tsv", "--max-steps", 6, "--eval-every", 2, "--batch-size", 16,
+              "-o", tmp_path / "curved")
+    (tmp_path / "budgets.yaml").write_text("min_retention: 0.0\nmin_accuracy: 0.999\n")
+    kdship("gate", runs, "--budgets", tmp_path / "budgets.yaml", "--json", tmp_path / "gated" / "gate.json")
+    kdship_ok("report", runs, tmp_path / "gated", tmp_path / "curved", "-o", tmp_path / "report.html")
+    md = (tmp_path / "report.md").read_text()
+    assert "### Gate: FAILED (" in md and "| ✗ | student accuracy |" in md and "| ✓ | student retention |" in md
+    assert "report_assets/training_curves.png" in md
+
+
+def test_accuracy_axis_is_at_least_five_points_tall():
+    from kdship.report import accuracy_axis
+
+    low, high = accuracy_axis([0.9975, 0.9988])
+    assert high <= 1.0 and high - low >= 0.05 and low <= 0.9975
+    assert accuracy_axis([0.4, 0.9]) == pytest.approx((0.35, 0.95))
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
