@@ -502,7 +502,7 @@ def deploy_triton(
     instances: Annotated[Optional[int], typer.Option("--instances")] = None,
     max_length: MaxLength = None, verify: Verify = None, overwrite: Overwrite = None, recipe: Recipe = None,
 ) -> None:
-    """A Triton model repository: classifier + Python tokenizer + ensemble (raw text in, logits out)."""
+    """A Triton model repository: tokenizer, classifier and label models in an ensemble (text in, labels out)."""
     from kdship.config import TritonConfig, build_config
     from kdship.serve.triton import deploy_triton as run
 
