@@ -273,7 +273,7 @@ def main() -> None:
     s = GPU if args.gpu else SMOKE if args.smoke else CPU
     parts = args.parts.split(",")
     args.work.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    started, commit = time.perf_counter(), git_commit()  # the code that runs, not what HEAD is when it ends
     results = run_parts(parts, s, args.minilm, args.teacher, args.work)
     claims = claims_of(results)
     for claim, held in claims.items():
@@ -282,7 +282,7 @@ def main() -> None:
         print(f"smoke run finished in {time.perf_counter() - started:.0f} s ({device_name()})")
     else:
         name = "seed_claims_gpu" if args.gpu else "seed_claims"
-        results["runs_of_this_invocation"] = {"parts": parts, "commit": git_commit(), "device": device_name(),
+        results["runs_of_this_invocation"] = {"parts": parts, "commit": commit, "device": device_name(),
                                               "seconds": round(time.perf_counter() - started, 1),
                                               "settings": {**s, "random_student": RANDOM_STUDENT}}
         results = merged_with_earlier_parts(name, results)
