@@ -187,7 +187,9 @@ def selection_claims(s: dict[str, Any], encoder: Path, teacher: Path, work: Path
     plain_best = result["plain"]["best_accuracy"]
     for name in ("plain", "selected"):
         history = [{"step": step, "accuracy": value} for step, value in result[name]["curve"]]
-        result[name]["steps_to_plain_best"] = first_step_reaching(history, "accuracy", plain_best - 1e-6, True)
+        # the curves hold accuracies rounded to 4 places
+        result[name]["steps_to_plain_best"] = first_step_reaching(history, "accuracy", round(plain_best, 4) - 1e-9,
+                                                                  True)
     a, b = result["plain"]["steps_to_plain_best"], result["selected"]["steps_to_plain_best"]
     claims = {**speedup_claims(result, "accuracy", "plain", "selected", higher=True),
               "reaches_plain_best_in_fewer_steps": bool(b and b < a)}
@@ -256,7 +258,7 @@ def merged_with_earlier_parts(name: str, results: dict[str, Any]) -> dict[str, A
     for previous in earlier.get("invocations", []):  # files written before settings were kept per invocation
         previous.setdefault("settings", earlier_file.get("settings"))
     invocation = results.pop("runs_of_this_invocation")
-    kept = {k: v for k, v in earlier.items() if k not in results and k != "invocations"}
+    kept = {k: v for k, v in earlier.items() if k not in results and k not in ("invocations", "runs_of_this_invocation")}
     return {**kept, **results, "invocations": earlier.get("invocations", []) + [invocation]}
 
 
