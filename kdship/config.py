@@ -332,10 +332,30 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
     field = ".".join(str(p) for p in error["loc"]) or "config"
     if error["type"] == "extra_forbidden":
         return f"unknown key '{field}'{_valid_keys_hint(model, error['loc'])}"
+    if error["type"] == "missing" and len(error["loc"]) > 1:  # a section given without one of its required keys
+        section = ".".join(str(p) for p in error["loc"][:-1])
+        flag = next((f" (--{flat.replace('_', '-')})" for flat, where in FLAT_SPELLINGS.items()
+                     if where == tuple(map(str, error["loc"]))), "")
+        return (f"{field}{flag} is required once any {section} setting is given: "
+                f"{_description(model, error['loc'])}")
     msg = error["msg"].removeprefix("Value error, ")
     got = error.get("input")
     shown = "" if isinstance(got, dict) or error["type"] == "missing" else f" (got {got!r})"
     return f"{field}: {msg}{shown}"
+
+
+def _description(model: type[BaseModel], loc: tuple) -> str:
+    """The description of the field at `loc` (a path through nested configs), or its name."""
+    info = None
+    for part in loc:
+        info = model.model_fields.get(str(part)) or next(
+            (f for f in model.model_fields.values() if f.alias == str(part)), None)
+        inner = getattr(info, "annotation", None)
+        inner = next((a for a in getattr(inner, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)),
+                     inner)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            model = inner
+    return (info.description if info and info.description else str(loc[-1]))
 
 
 def _valid_keys_hint(model: type[BaseModel], loc: tuple) -> str:
@@ -561,14 +581,6 @@ class GateConfig(Strict):
     allow_unstable: bool = Field(False, description="let speed budgets pass on measurements marked unstable")
 
 
-# What a pipeline sets once for all stages (PipelineConfig's own fields), or per stage by name (teacher, data):
-# every other DistillConfig field is a stage setting.
-PIPELINE_FIELDS = ("output", "student", "students", "teacher", "data", "seed", "device", "precision", "resume",
-                   "overwrite", "keep_going")
-STAGE_SETTINGS = tuple(k for k in DistillConfig.model_fields if k not in PIPELINE_FIELDS) + tuple(
-    flat for flat, (group, _) in FLAT_SPELLINGS.items() if group in DistillConfig.model_fields)
-
-
 class StageConfig(Strict):
     """One stage of a progressive pipeline: which teacher and data it uses (names or paths), its objective and
     losses, and any training setting that differs from the pipeline's `common` settings."""
@@ -612,3 +624,11 @@ class PipelineConfig(Strict):
     keep_going: bool = Field(False, description="run the next stages even after a stage whose student collapsed")
 
     _named = field_validator("students", mode="before")(lambda cls, v: named_students(v))
+
+
+# What a pipeline sets once for all stages (PipelineConfig's fields) or per stage by name (StageConfig's: teacher,
+# data): every other DistillConfig field, and its flat spelling, is a stage setting.
+PIPELINE_FIELDS = tuple(PipelineConfig.model_fields)
+STAGE_SETTINGS = tuple(k for k in DistillConfig.model_fields
+                       if k not in PIPELINE_FIELDS and k not in StageConfig.model_fields) + tuple(
+    flat for flat, (group, _) in FLAT_SPELLINGS.items() if group in DistillConfig.model_fields)

@@ -27,9 +27,9 @@ from kdship.run import (RunData, evaluation_for, final_weights, label_metrics, l
                         predict_everywhere, training_run, training_summary, write_model_folder, write_output)
 from kdship.runtime import Runtime
 from kdship.sanity import findings, warn
-from kdship.techniques import (Technique, TechniqueContext, build_techniques, loop_config_for, technique_memory,
+from kdship.techniques import (Technique, TechniqueContext, build_techniques, draw_size_for, technique_memory,
                                technique_records, wrap_step)
-from kdship.trainee import ATTENTIONS, HIDDEN, QKV, HiddenProjection, Trainee
+from kdship.trainee import ATTENTIONS, HIDDEN, QKV, Forward, HiddenProjection, Trainee
 
 # default peak learning rates by how a student starts. Measured on SST-2 (random 4L-312, MiniLM-L6 teacher, 250
 # steps of 32): task KD 76.0% at 5e-4 vs 70.1% at 1e-4, which leaves the majority-class plateau only after ~130
@@ -195,9 +195,8 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     with training_run(cfg) as (runtime, run_dir):
         run = _build_run(cfg, tconfig, runtime)
         plan = TrainingPlan(wrap_step(_step(run), run.techniques), run.evaluate, run.trainees,
-                            {"teacher": run.teacher.memory, **technique_memory(run.techniques)})
-        loop_cfg = loop_config_for(cfg)
-        state = fit(loop_cfg, plan, run.data.train, run.tokenizer, run_dir, runtime, run.collator, _label(run),
+                            {"teacher": run.teacher.memory, **technique_memory(run.techniques)}, draw_size_for(cfg))
+        state = fit(cfg, plan, run.data.train, run.tokenizer, run_dir, runtime, run.collator, _label(run),
                     run.data.record())
         return _write_outputs(run, state, run_dir)
 
@@ -231,7 +230,7 @@ def _build_run(cfg: DistillConfig, tconfig: Any, runtime: Runtime) -> DistillRun
                                                     t.model.config.hidden_size, tconfig.hidden_size)
         if "qkv" in needs:
             t.details["relation_heads"] = relation_heads(t.model.config, tconfig)
-    total, _ = total_steps_for(loop_config_for(cfg), len(data.train.features), runtime.world)
+    total, _ = total_steps_for(cfg, len(data.train.features), runtime.world, draw_size_for(cfg))
     techniques = build_techniques(TechniqueContext(cfg, trainees[0], tokenizer, data.train, runtime, total))
     # every parameter gets a gradient when a loss reads the student's own head (a bi-encoder's pooler does not)
     all_used = "logits" in needs and cfg.objective not in ("match", "features")
@@ -260,10 +259,7 @@ def _evaluation(cfg: DistillConfig, trainees: list[Trainee], teacher: nn.Module 
     def student_metrics(t: Trainee) -> dict[str, float]:
         if not labelled:
             return evaluations[t.name].run()
-        from kdship.evaluate import predict_logits
-
-        top = predict_logits(t.model, tokenizer, data.eval, cfg.eval_batch_size, runtime.device,
-                             runtime.autocast).argmax(-1)
+        top = predict_everywhere(t.model, tokenizer, data.eval, cfg.eval_batch_size, runtime).argmax(-1).cpu()
         metrics = label_metrics(top, labels, teacher_top)
         warn(f"student {t.name}" if t.prefix else "the student", findings(metrics, data.baseline))
         return metrics
@@ -271,8 +267,9 @@ def _evaluation(cfg: DistillConfig, trainees: list[Trainee], teacher: nn.Module 
     return lambda: {f"{t.prefix}{k}": v for t in trainees for k, v in student_metrics(t).items()}
 
 
-def _loss_inputs(trainee: Trainee, t_out: TeacherOutputs | None, s_out: Any, heads: dict[str, Any],
-                 batch: dict[str, Any], needs: set[str], temperature: float) -> LossInputs:
+def _loss_inputs(trainee: Trainee, t_out: TeacherOutputs | None, forward: Forward, batch: dict[str, Any],
+                 needs: set[str], temperature: float) -> LossInputs:
+    s_out, heads = forward.output, forward.heads
     x = LossInputs(student_logits=s_out.logits, teacher_logits=t_out and t_out.logits,
                    labels=targets(batch, s_out.logits), attention_mask=token_mask(batch), temperature=temperature)
     layer_map = trainee.details["layer_map"]
@@ -298,8 +295,8 @@ def _step(run: DistillRun) -> Step:
         total, logs = 0.0, {}
         for t in run.trainees:
             with t.timer.region():
-                s_out, heads = t(inputs, x.outputs | outputs)
-                loss_inputs = _loss_inputs(t, t_out, s_out, heads, x.tensors, run.needs, run.cfg.temperature)
+                forward = t(inputs, x.outputs | outputs)
+                loss_inputs = _loss_inputs(t, t_out, forward, x.tensors, run.needs, run.cfg.temperature)
                 values = [term.loss.fn(loss_inputs) for term in run.terms]
                 student_total = sum(term.weight_at(x.progress) * value for term, value in zip(run.terms, values))
             # detached tensors, not floats: .item() would wait for the GPU on every step (the bar reads them rarely)

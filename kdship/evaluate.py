@@ -27,21 +27,36 @@ def predict_logits(model: Any, tokenizer: Any, encoded: Encoded, batch_size: int
     return out
 
 
+def mlm_eval_batches(encoded: Encoded, batch_size: int) -> list[list[int]]:
+    """The masked-LM evaluation's batches: fixed, so that its masking (seeded by batch number) is too."""
+    from kdship.data import bucket_batches
+
+    return bucket_batches(encoded.lengths(), batch_size, seed=0, shuffle=False)
+
+
 @torch.no_grad()
-def mlm_loss(model: Any, tokenizer: Any, encoded: Encoded, batch_size: int, device: torch.device,
-             mlm_collator: Any) -> float:
-    """Mean masked-token cross-entropy with a fixed masking seed, so values compare across runs and models."""
-    from kdship.data import bucket_batches, collate, model_inputs
+def mlm_loss_sums(model: Any, tokenizer: Any, encoded: Encoded, batches: list[list[int]], numbers: list[int],
+                  device: torch.device, mlm_collator: Any) -> tuple[float, int]:
+    """(summed masked-token cross-entropy, masked tokens) over the evaluation batches numbered `numbers`."""
+    from kdship.data import collate
 
     model.eval()
     total, count = 0.0, 0
-    for i, indices in enumerate(bucket_batches(encoded.lengths(), batch_size, seed=0, shuffle=False)):
-        batch = {k: v.to(device) for k, v in collate(tokenizer, encoded, indices, mlm_collator, 1000 + i).items()}
+    for i in numbers:
+        batch = {k: v.to(device) for k, v in collate(tokenizer, encoded, batches[i], mlm_collator, 1000 + i).items()}
         logits = model(**model_inputs(batch)).logits.float()
         labels = batch["labels"]
         total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
                                                    reduction="sum").item()
         count += int(labels.ne(-100).sum())
+    return total, count
+
+
+def mlm_loss(model: Any, tokenizer: Any, encoded: Encoded, batch_size: int, device: torch.device,
+             mlm_collator: Any) -> float:
+    """Mean masked-token cross-entropy with a fixed masking seed, so values compare across runs and models."""
+    batches = mlm_eval_batches(encoded, batch_size)
+    total, count = mlm_loss_sums(model, tokenizer, encoded, batches, list(range(len(batches))), device, mlm_collator)
     return total / max(count, 1)
 
 

@@ -82,6 +82,7 @@ class TrainingPlan:
     trainees: list[Trainee]
     # state that is not trained but must survive a resume (e.g. sample-selection scores), per process
     memory: dict[str, nn.Module] = field(default_factory=dict)
+    draw_size: int | None = None  # examples each process draws per micro-batch; None: the batch size
 
 
 @dataclass
@@ -123,17 +124,19 @@ def _scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total_steps: in
                          num_training_steps=total_steps)
 
 
-def total_steps_for(cfg: RunConfig, n_examples: int, world: int = 1) -> tuple[int, int]:
-    """(optimizer steps of the run, steps per epoch); `batch_size` is per process, so a step sees batch_size x
-    processes x grad_accum examples."""
-    groups_per_epoch = math.ceil(math.ceil(n_examples / (cfg.batch_size * world)) / cfg.grad_accum)
+def total_steps_for(cfg: RunConfig, n_examples: int, world: int = 1, draw_size: int | None = None) -> tuple[int, int]:
+    """(optimizer steps of the run, steps per epoch). Each process draws `draw_size` examples per micro-batch
+    (default batch_size; more when a technique keeps only some of them), so a step draws draw_size x processes x
+    grad_accum examples."""
+    draw_size = draw_size or cfg.batch_size
+    groups_per_epoch = math.ceil(math.ceil(n_examples / (draw_size * world)) / cfg.grad_accum)
     return (cfg.max_steps or max(1, math.ceil(cfg.epochs * groups_per_epoch))), groups_per_epoch
 
 
-def global_batches(lengths: list[int], cfg: RunConfig, world: int, epoch: int) -> list[list[int]]:
-    """One epoch's global batches (batch_size x processes examples, the same on every process). A last batch with
+def global_batches(lengths: list[int], cfg: RunConfig, world: int, epoch: int, draw_size: int) -> list[list[int]]:
+    """One epoch's global batches (draw_size x processes examples, the same on every process). A last batch with
     fewer examples than processes is dropped: every process needs at least one."""
-    batches = bucket_batches(lengths, cfg.batch_size * world, seed=cfg.seed * 1000 + epoch, shuffle=True)
+    batches = bucket_batches(lengths, draw_size * world, seed=cfg.seed * 1000 + epoch, shuffle=True)
     return [b for b in batches if len(b) >= world]
 
 
@@ -298,7 +301,8 @@ def fit(cfg: RunConfig, plan: TrainingPlan, train: Encoded, tokenizer: Any, run_
     if len(train.features) < runtime.world:
         raise ConfigError(f"{len(train.features)} training examples cannot be shared by {runtime.world} processes; "
                           "give more data or launch fewer processes")
-    total, groups_per_epoch = total_steps_for(cfg, len(train.features), runtime.world)
+    draw_size = plan.draw_size or cfg.batch_size
+    total, groups_per_epoch = total_steps_for(cfg, len(train.features), runtime.world, draw_size)
     optimizer = _optimizer(cfg, plan.trainees)
     scheduler = _scheduler(cfg, optimizer, total)
     checkpointer = Checkpointer(run_dir, cfg, runtime, data_identity)
@@ -313,7 +317,7 @@ def fit(cfg: RunConfig, plan: TrainingPlan, train: Encoded, tokenizer: Any, run_
                        runtime.is_main)
     with _progress(progress_label, total, state.step, runtime.is_main) as bar, trackers as track:
         while state.step < total:
-            batches = global_batches(lengths, cfg, runtime.world, state.epoch)
+            batches = global_batches(lengths, cfg, runtime.world, state.epoch, draw_size)
             groups = [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
             for gi in range(state.group_in_epoch, len(groups)):
                 started = time.perf_counter()

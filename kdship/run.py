@@ -18,7 +18,7 @@ from kdship.biencoder import embed_pairs, retrieval_metrics
 from kdship.config import RunConfig
 from kdship.data import Encoded, TextTable, encode_labels, label_names_from_data, load_table, tokenize
 from kdship.errors import ConfigError, ModelError
-from kdship.evaluate import mlm_loss, predict_logits
+from kdship.evaluate import mlm_eval_batches, mlm_loss_sums, predict_logits
 from kdship.loop import LoopState, best_dir, run_dir_for_output
 from kdship.runtime import Runtime, seed_everything, start_runtime
 from kdship.sanity import Baseline, checks_record, findings, top_prediction_share, warn
@@ -99,17 +99,49 @@ def mlm_collator_for(cfg: RunConfig, tokenizer: Any) -> Any:
     return DataCollatorForLanguageModeling(tokenizer, mlm_probability=cfg.mlm_probability, seed=0)
 
 
+def my_share(n: int, runtime: Runtime) -> tuple[list[int], int]:
+    """This process's equal share of n items (0..n-1), and how many repeats of the last item pad it to the size of
+    the others: every process runs as many batches, which a sharded model needs (its forward calls gather
+    weights together). Padding is computed but not counted."""
+    per = math.ceil(n / runtime.world)
+    start = runtime.rank * per
+    mine = list(range(start, min(start + per, n)))
+    return mine, per - len(mine)
+
+
+def _padded_share(encoded: Encoded, runtime: Runtime) -> Encoded:
+    mine, padding = my_share(len(encoded.features), runtime)
+    return Encoded([encoded.features[i] for i in mine + [len(encoded.features) - 1] * padding], None)
+
+
 def predict_everywhere(model: nn.Module, tokenizer: Any, encoded: Encoded, batch_size: int,
                        runtime: Runtime) -> torch.Tensor:
-    """Logits for every example, on this process's device. Each process predicts an equal share (the last one
-    padded by repeating an example, so a sharded model runs as many batches on every process), then the shares
-    are gathered: a teacher's pass over the training set costs 1/N of it per process."""
-    n = len(encoded.features)
-    per = math.ceil(n / runtime.world)
-    mine = [min(i, n - 1) for i in range(runtime.rank * per, (runtime.rank + 1) * per)]
-    share = Encoded([encoded.features[i] for i in mine], None)
-    logits = predict_logits(model, tokenizer, share, batch_size, runtime.device, runtime.autocast)
-    return runtime.accelerator.gather(logits.to(runtime.device))[:n]
+    """Logits for every example, on this process's device. Each process predicts an equal share, then the shares
+    are gathered: a pass over the data costs 1/N of it per process."""
+    logits = predict_logits(model, tokenizer, _padded_share(encoded, runtime), batch_size, runtime.device,
+                            runtime.autocast)
+    return runtime.accelerator.gather(logits.to(runtime.device))[:len(encoded.features)]
+
+
+def embed_everywhere(model: nn.Module, tokenizer: Any, encoded: Encoded, batch_size: int,
+                     runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sides' embeddings of every pair, each process embedding an equal share (on the CPU, on every process)."""
+    left, right = embed_pairs(model, tokenizer, _padded_share(encoded, runtime), batch_size, runtime.device,
+                              runtime.autocast)
+    both = runtime.accelerator.gather(torch.stack([left, right], 1).to(runtime.device))[:len(encoded.features)].cpu()
+    return both[:, 0], both[:, 1]
+
+
+def mlm_loss_everywhere(model: nn.Module, tokenizer: Any, encoded: Encoded, batch_size: int, runtime: Runtime,
+                        mlm_collator: Any) -> float:
+    """The masked-LM evaluation loss, each process taking an equal share of the fixed evaluation batches: the same
+    batches and masks as one process would use, so the value does not depend on how many processes ran."""
+    batches = mlm_eval_batches(encoded, batch_size)
+    mine, padding = my_share(len(batches), runtime)
+    total, count = mlm_loss_sums(model, tokenizer, encoded, batches, mine, runtime.device, mlm_collator)
+    if padding:  # run as the others do (a sharded model needs every process's forward calls), not counted
+        mlm_loss_sums(model, tokenizer, encoded, batches, [len(batches) - 1] * padding, runtime.device, mlm_collator)
+    return runtime.total(total) / max(runtime.total(count), 1)
 
 
 @dataclass
@@ -126,17 +158,17 @@ def evaluation_for(cfg: RunConfig, model: nn.Module, tokenizer: Any, data: RunDa
     """The evaluation of the run's objective: accuracy, masked-LM loss, or retrieval recall@1."""
     if data.eval is None or cfg.objective == "features":
         return Evaluation(None)
-    device, autocast = runtime.device, runtime.autocast
+    batch = cfg.eval_batch_size
     if cfg.objective == "mlm":
-        return Evaluation(lambda: {"mlm_loss": mlm_loss(model, tokenizer, data.eval, cfg.eval_batch_size, device,
-                                                        mlm_collator)}, "mlm_loss", higher_is_better=False)
+        return Evaluation(lambda: {"mlm_loss": mlm_loss_everywhere(model, tokenizer, data.eval, batch, runtime,
+                                                                   mlm_collator)}, "mlm_loss", higher_is_better=False)
     if not cfg.labelled:  # in-batch matching: each eval pair's left side retrieves among all right sides
-        return Evaluation(lambda: retrieval_metrics(*embed_pairs(model, tokenizer, data.eval, cfg.eval_batch_size,
-                                                                 device, autocast)), "recall_at_1")
+        return Evaluation(lambda: retrieval_metrics(*embed_everywhere(model, tokenizer, data.eval, batch, runtime)),
+                          "recall_at_1")
     labels = torch.tensor(data.eval.labels)
 
     def accuracy() -> dict[str, float]:
-        top = predict_logits(model, tokenizer, data.eval, cfg.eval_batch_size, device, autocast).argmax(-1)
+        top = predict_everywhere(model, tokenizer, data.eval, batch, runtime).argmax(-1).cpu()
         metrics = label_metrics(top, labels)
         warn("the model", findings(metrics, data.baseline))
         return metrics

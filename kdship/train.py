@@ -16,7 +16,7 @@ from kdship.models import (build_model, config_from_spec, load_config, load_toke
 from kdship.run import RunData, evaluation_for, load_run_data, mlm_collator_for, training_run, training_summary, \
     write_output
 from kdship.runtime import Runtime
-from kdship.techniques import (TechniqueContext, build_techniques, loop_config_for, technique_memory,
+from kdship.techniques import (TechniqueContext, build_techniques, draw_size_for, technique_memory,
                                technique_records, wrap_step)
 from kdship.data import load_table
 from kdship.tokenizer import train_wordpiece
@@ -38,19 +38,20 @@ def _train(cfg: TrainConfig, runtime: Runtime, run_dir: Path) -> dict[str, Any]:
     collator = mlm_collator_for(cfg, tokenizer)
     evaluation = evaluation_for(cfg, model, tokenizer, data, runtime, collator)
     trainee = Trainee("model", model, metric=evaluation.metric, higher_is_better=evaluation.higher_is_better)
-    loop_cfg = loop_config_for(cfg)
-    total, _ = total_steps_for(loop_cfg, len(data.train.features), runtime.world)
+    total, _ = total_steps_for(cfg, len(data.train.features), runtime.world, draw_size_for(cfg))
     techniques = build_techniques(TechniqueContext(cfg, trainee, tokenizer, data.train, runtime, total))
     # a bi-encoder's pooler gets no gradient, nor does a technique's head once its phase is over
     trainee.distribute(runtime, cfg.sharding, all_used=cfg.objective != "match" and not trainee.heads)
 
     def step(x: StepInput) -> StepResult:
-        out, heads = trainee(x.tensors, x.outputs)
-        trainee.trace.add(out.loss.detach())
-        return StepResult(out.loss, {"loss": out.loss.detach()}, len(x.indices), out, heads)
+        forward = trainee(x.tensors, x.outputs)
+        loss = forward.output.loss
+        trainee.trace.add(loss.detach())
+        return StepResult(loss, {"loss": loss.detach()}, len(x.indices), forward.output, forward.heads)
 
-    plan = TrainingPlan(wrap_step(step, techniques), evaluation.run, [trainee], technique_memory(techniques))
-    state = fit(loop_cfg, plan, data.train, tokenizer, run_dir, runtime, collator, "train", data.record())
+    plan = TrainingPlan(wrap_step(step, techniques), evaluation.run, [trainee], technique_memory(techniques),
+                        draw_size_for(cfg))
+    state = fit(cfg, plan, data.train, tokenizer, run_dir, runtime, collator, "train", data.record())
     record = {"command": "train", "config": to_record(cfg), "data": data.record(), "device": str(runtime.device),
               "model": {"source": cfg.model or cfg.init, "parameters": trainee.parameter_count()},
               "training": training_summary(state, trainee, runtime, cfg.batch_size, cfg.grad_accum),

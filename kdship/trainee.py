@@ -117,6 +117,15 @@ class LossTrace:
 
 
 @dataclass
+class Forward:
+    """One forward call of a trained model: the model's output (logits, hidden states, ...) and the outputs of the
+    heads that were asked for (projections, the last layer's q/k/v)."""
+
+    output: Any
+    heads: dict[str, Any]
+
+
+@dataclass
 class Trainee:
     """One trained model. `module` is what the processes train (the model and its heads, wrapped for DDP or
     sharded by the runtime); `model` is what ships."""
@@ -140,8 +149,8 @@ class Trainee:
                                            all_used=all_used)
         self.timer = RegionTimer(runtime.device)
 
-    def __call__(self, inputs: dict[str, Tensor], outputs: frozenset[str] = frozenset()) -> tuple[Any, dict[str, Any]]:
-        return self.module(inputs, outputs)
+    def __call__(self, inputs: dict[str, Tensor], outputs: frozenset[str] = frozenset()) -> Forward:
+        return Forward(*self.module(inputs, outputs))  # a plain tuple through DDP, named here
 
     def progress_state(self) -> dict[str, Any]:
         """What a resumed run needs to report on the whole run, not its resumed part: the first losses and the

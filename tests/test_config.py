@@ -79,7 +79,7 @@ def test_technique_settings_are_nested_and_old_flat_recipes_keep_loading(tmp_pat
     assert cfg.selection.by == "runs/s" and cfg.selection.ratio == 0.25 and cfg.selection.mode == "topk"
     # a flag of the nested spelling overrides one field of the recipe's section, not the section
     assert build_config(TrainConfig, old, init="bert:layers=2", reverse={"steps": 7}).reverse.hidden_weight == 0.5
-    with pytest.raises(ConfigError, match="selection.by: Field required"):
+    with pytest.raises(ConfigError, match=r"selection.by \(--select-by\) is required once any selection setting is given"):
         build_config(DistillConfig, selection={"ratio": 0.5})
 
 

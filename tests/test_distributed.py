@@ -88,9 +88,15 @@ def test_two_processes_match_one_process_at_the_same_global_batch(teacher_dir, s
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert record(tmp_path / "two")["history"] == pytest.approx(record(tmp_path / "one")["history"], abs=1e-6)
     assert not list(tmp_path.glob(".*kdship-run"))  # rank 0 cleaned up
-    launch(*_distill_args(teacher_dir, still_student, data_dir, tmp_path / "accelerate", 8), launcher=ACCELERATE)
-    via_accelerate = record(tmp_path / "accelerate")["training"]
-    assert via_accelerate["processes"] == 2 and via_accelerate["loss_last"] == pytest.approx(one["loss_last"], rel=1e-4)
+    # accumulation: 2 processes x 8 examples x 2 micro-batches (Accelerate's launcher) as 1 process x 16 x 2
+    kdship_ok(*_distill_args(teacher_dir, still_student, data_dir, tmp_path / "one-accumulated", 16, "--grad-accum", 2))
+    launch(*_distill_args(teacher_dir, still_student, data_dir, tmp_path / "accelerate", 8, "--grad-accum", 2),
+           launcher=ACCELERATE)
+    one, two = record(tmp_path / "one-accumulated")["training"], record(tmp_path / "accelerate")["training"]
+    assert (two["processes"], two["per_device_batch"], two["global_batch"]) == (2, 8, 32) and one["global_batch"] == 32
+    assert two["loss_last"] == pytest.approx(one["loss_last"], rel=1e-4)
+    a, b = weights(tmp_path / "one-accumulated"), weights(tmp_path / "accelerate")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
 def _train_args(teacher_dir, data_dir, out, steps, *extra):

@@ -21,4 +21,7 @@ def test_gpu_verification_dry_run_writes_every_part(tmp_path):
     assert parts["export"]["result"]["student/onnx"]["passed"]
     rows = parts["bench"]["result"]["ort-cpu"]
     assert {r["model"] for r in rows} == {"teacher-onnx", "student-onnx"} and all("speedup_ci95" in r for r in rows)
-    assert parts["distill"]["result"]["samples_per_second"] > 0
+    distill = parts["distill"]["result"]
+    assert distill["samples_per_second_median"]["after"] > 0 and len(distill["rounds"]["after"]) == 2
+    before = (ROOT / "benchmarks" / "gpu" / "before" / "kdship").is_dir()  # carried only to the GPU machine
+    assert isinstance(distill["after_over_before"], float) == before

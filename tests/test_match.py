@@ -229,7 +229,7 @@ def test_match_and_selection_bad_inputs(pairs, small_matcher, data_dir, teacher_
         (["train", "--model", small_matcher, "--match-loss", "classify", "--data", data_dir / "train.tsv"],
          "match_loss applies to objective match only"),
         (["train", "--model", small_matcher, "--objective", "match", "--data", pairs / "train.tsv",
-          "--reverse-hidden", 1], "reverse.from: Field required"),
+          "--reverse-hidden", 1], "reverse.from (--reverse-from) is required once any reverse setting is given"),
     ]
     for args, message in cases:
         result = kdship(*args, "--max-steps", 2, "-o", out)

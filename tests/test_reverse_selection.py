@@ -186,7 +186,7 @@ def test_reverse_and_selection_bad_inputs(data_dir, teacher_dir, small_model, tm
         (["--select-by", str(small_model), "--select-ratio", "0"], "selection.ratio: Input should be greater than 0"),
         (["--reverse-from", str(small_model), "--reverse-steps", "50"], "reverse.steps 50 is longer than the run"),
         (["--select-by", str(tmp_path / "missing")], "not found"),
-        (["--reverse-steps", "3"], "reverse.from: Field required"),
+        (["--reverse-steps", "3"], "reverse.from (--reverse-from) is required once any reverse setting is given"),
     ]:
         result = kdship(*_large_args(data_dir, teacher_dir, out, *extra))
         assert result.exit_code == 2, result.output

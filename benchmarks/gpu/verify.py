@@ -19,11 +19,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 NEEDED = {"onnxruntime-gpu": "onnxruntime-gpu==1.31.*", "tensorrt": "tensorrt>=10", "tensorrt-rtx": "tensorrt-rtx"}
 FULL = {"teacher": "bert:layers=12,hidden=768,heads=12,ffn=3072,max_len=512", "student": "4L312",
-        "batch": [1, 8, 64, 256], "seq": [128], "distill_steps": 200, "rows": 4000,
+        "batch": [1, 8, 64, 256], "seq": [128], "distill_steps": 200, "distill_rounds": 3, "rows": 4000,
         "exports": ["onnx", "fp16", "aoti", "tensorrt"], "backends": ["torch", "torch-compile", "ort-cuda", "tensorrt",
                                                                   "aoti"]}
 DRY = {"teacher": "bert:layers=2,hidden=64,heads=2,ffn=128,max_len=64", "student": "bert:layers=1",
-       "batch": [1, 4], "seq": [16], "distill_steps": 4, "rows": 200, "exports": ["onnx"], "backends": ["ort-cpu"]}
+       "batch": [1, 4], "seq": [16], "distill_steps": 4, "distill_rounds": 2, "rows": 200, "exports": ["onnx"], "backends": ["ort-cpu"]}
 
 
 def environment() -> dict[str, Any]:
@@ -111,15 +111,42 @@ def part_bench(s: dict[str, Any], work: Path) -> dict[str, Any]:
     return results
 
 
-def part_distill(s: dict[str, Any], work: Path, models: dict[str, Path]) -> dict[str, Any]:
-    from kdship.config import DistillConfig
-    from kdship.distill import distill
+BEFORE = ROOT / "benchmarks" / "gpu" / "before"  # git-ignored: `git archive 1553960 kdship exporters`, carried along
+BEFORE_COMMIT = "1553960"  # the last commit before the training-core change (issue 11)
+DISTILL_ROUND = """
+import json, sys
+from kdship.config import DistillConfig
+from kdship.distill import distill
+r = distill(DistillConfig.model_validate(json.loads(sys.argv[1])))["training"]
+print("RESULT " + json.dumps({k: r.get(k) for k in ("samples_per_second", "train_seconds", "steps", "loss_first",
+                                                   "loss_last")}))
+"""
 
+
+def part_distill(s: dict[str, Any], work: Path, models: dict[str, Path]) -> dict[str, Any]:
+    """1-process distillation throughput of this checkout and, when carried in benchmarks/gpu/before/, of the code
+    before the training-core change, in alternating rounds (each a fresh process on the same settings)."""
     data = {"train": str(work / "data" / "train.tsv"), "max_length": max(s["seq"])}
-    record = distill(DistillConfig(teacher=str(models["teacher"]), student=s["student"], data=data,
-                                   output=str(work / "throughput"), max_steps=s["distill_steps"], batch_size=32,
-                                   teacher_cache="off", overwrite=True))
-    return {k: record["training"][k] for k in ("samples_per_second", "train_seconds", "steps", "global_batch")}
+    settings = {"teacher": str(models["teacher"]), "student": s["student"], "data": data, "max_steps":
+                s["distill_steps"], "batch_size": 32, "teacher_cache": "off", "overwrite": True, "seed": 0}
+    sources = {"after": ROOT} | ({f"before_{BEFORE_COMMIT}": BEFORE} if (BEFORE / "kdship").is_dir() else {})
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in sources}
+    for r in range(s["distill_rounds"]):
+        for name, source in (sources.items() if r % 2 == 0 else reversed(sources.items())):
+            cfg = json.dumps({**settings, "output": str(work / f"throughput-{name}-{r}")})
+            run = subprocess.run([sys.executable, "-c", DISTILL_ROUND, cfg], capture_output=True, text=True,
+                                 env={**os.environ, "PYTHONPATH": str(source)}, cwd=work)
+            if run.returncode:
+                raise RuntimeError(f"{name}: {run.stderr[-1500:]}")
+            rounds[name].append(json.loads(next(line for line in run.stdout.splitlines()
+                                                if line.startswith("RESULT "))[7:]))
+    import statistics
+
+    medians = {name: statistics.median(x["samples_per_second"] for x in rs) for name, rs in rounds.items()}
+    before = next((v for k, v in medians.items() if k.startswith("before")), None)
+    return {"rounds": rounds, "samples_per_second_median": medians,
+            "after_over_before": round(medians["after"] / before, 3) if before else
+            f"not measured: carry `git archive {BEFORE_COMMIT} kdship exporters` unpacked in {BEFORE}"}
 
 
 CARRIED_SHARED = ROOT / "benchmarks" / "gpu" / "shared"  # git-ignored: ../shared's data and MiniLM, carried along

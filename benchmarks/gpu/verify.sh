@@ -7,6 +7,8 @@
 #   tensorrt-rtx              (CUDA 13; TensorRT-RTX does not support Hopper: reported as not run there)
 #   tensorrt>=10              (the Hopper path of the tensorrt exporter)
 # Missing pieces are reported as parts not run, with the reason; nothing fails midway.
+# The distillation part also measures the code before the training-core change (issue 11) when it is carried:
+#   mkdir -p benchmarks/gpu/before && git archive 1553960 kdship exporters | tar -x -C benchmarks/gpu/before
 #   bash benchmarks/gpu/verify.sh            # on the GPU machine
 #   bash benchmarks/gpu/verify.sh --dry-run  # anywhere: tiny models, CPU paths, results to a temp folder (CI runs it)
 # A second call runs benchmarks/seed_claims.py at its GPU budget (issue 12's claims; sized for ~8 minutes, not yet

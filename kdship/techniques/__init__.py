@@ -42,8 +42,9 @@ class TechniqueDef:
     name: str  # also its config section
     summary: str
     build: Callable[[Any, TechniqueContext], Technique]  # (its settings, context) -> the technique
-    # how it changes the loop's settings (e.g. selection over-samples each batch), from its settings alone
-    loop_config: Callable[[Any, RunConfig], RunConfig] = lambda settings, cfg: cfg
+    # how many examples a process draws per micro-batch for a batch of the given size, from its settings alone
+    # (selection draws more and keeps the best)
+    draw_size: Callable[[Any, int], int] = lambda settings, batch_size: batch_size
     sharded_ok: bool = True  # whether it works on a model sharded with FSDP
 
 
@@ -61,10 +62,12 @@ def configured(cfg: RunConfig) -> list[tuple[TechniqueDef, Any]]:
     return [(t, settings) for t, settings in active if settings is not None]
 
 
-def loop_config_for(cfg: RunConfig) -> RunConfig:
+def draw_size_for(cfg: RunConfig) -> int:
+    """Examples each process draws per micro-batch under the configured techniques."""
+    size = cfg.batch_size
     for technique, settings in configured(cfg):
-        cfg = technique.loop_config(settings, cfg)
-    return cfg
+        size = technique.draw_size(settings, size)
+    return size
 
 
 def build_techniques(context: TechniqueContext) -> list[Technique]:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdship.config import RunConfig, SelectionConfig
+from kdship.config import SelectionConfig
 from kdship.data import model_inputs, targets
 from kdship.loop import Step, StepInput, StepResult
 from kdship.runtime import Runtime
@@ -155,12 +155,6 @@ class SampleSelection:
                               **self.selector.summary(runtime)}}
 
 
-def over_sampled(settings: SelectionConfig, cfg: RunConfig) -> RunConfig:
-    """The loop's settings under selection: each step draws enough candidates that `ratio` of them fill
-    batch_size."""
-    return cfg.model_copy(update={"batch_size": candidates_per_step(cfg.batch_size, settings.ratio)})
-
-
 def build_selection(settings: SelectionConfig, context: TechniqueContext) -> SampleSelection:
     """The scoring model loaded and checked, and its losses computed once when they cannot change (labelled
     data), each process scoring a share."""
@@ -176,9 +170,11 @@ def build_selection(settings: SelectionConfig, context: TechniqueContext) -> Sam
         small_losses = per_example_loss(logits, torch.tensor(train.labels))
     selector = Selector(small, context.target.model, settings.ratio, settings.mode, settings.refresh,
                         len(train.features), small_losses, cfg.seed)
-    return SampleSelection(selector, settings, over_sampled(settings, cfg).batch_size)
+    return SampleSelection(selector, settings, candidates_per_step(cfg.batch_size, settings.ratio))
 
 
 SELECTION = TechniqueDef("selection", "sample-value selection: a small trained model's loss against the trained "
                                       "model's picks the samples worth a step (RHO-LOSS, Mindermann et al. 2022)",
-                         build_selection, loop_config=over_sampled, sharded_ok=False)
+                         build_selection, sharded_ok=False,
+                         # each step draws enough candidates that `ratio` of them fill the batch
+                         draw_size=lambda settings, batch_size: candidates_per_step(batch_size, settings.ratio))
