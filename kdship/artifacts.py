@@ -25,6 +25,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temp file in the same folder, then rename: readers never see half a file."""
     path = Path(path)
+    if path.is_dir():
+        raise KdshipError(f"{path} is a folder; give a file path, not a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -76,15 +78,25 @@ def staged_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging."))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; another user (a container) must read outputs
     try:
         yield tmp
+        readable_as_umask_says(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def readable_as_umask_says(folder: Path) -> None:
+    """Folders 0777 and files 0666 less the umask (0755/0644 under 022): mkdtemp makes 0700 folders and
+    transformers writes model.safetensors 0600, and another user (a container serving the model) must read them."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def library_versions() -> dict[str, str]:
@@ -98,6 +110,26 @@ def library_versions() -> dict[str, str]:
 def write_record(folder: Path, record: dict[str, Any]) -> None:
     """kdship.json: the resolved config, versions, data and teacher identity, metrics. Later commands read it."""
     atomic_write_json(Path(folder) / RECORD_NAME, {"kdship_version": 1, "versions": library_versions(), **record})
+
+
+def with_relative_sources(record: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The record with each local data source also stated relative to `folder` (where the record will live), so
+    that a tree moved as a whole (data and models together) still finds its data."""
+    data = {name: ({**entry, "relative": os.path.relpath(entry["source"], Path(folder).resolve())}
+                   if isinstance(entry, dict) and isinstance(entry.get("source"), str)
+                   and Path(entry["source"]).is_absolute() else entry)
+            for name, entry in (record.get("data") or {}).items()}
+    return {**record, "data": data} if data else record
+
+
+def recorded_source(record: dict[str, Any], split: str, folder: Path) -> str | None:
+    """The data a record names for `split` (train, eval): its absolute path, or where its path relative to the
+    record's folder now leads when the tree was moved; the absolute one (for the error) when neither exists."""
+    entry = (record.get("data") or {}).get(split) or {}
+    source, relative = entry.get("source"), entry.get("relative")
+    if source and not Path(source).exists() and relative and (Path(folder) / relative).exists():
+        return str((Path(folder) / relative).resolve())
+    return source
 
 
 def read_record(folder: Path) -> dict[str, Any] | None:

@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from kdship.artifacts import atomic_write_json, atomic_write_text, library_versions, read_record, staged_dir
+from kdship.artifacts import (atomic_write_json, atomic_write_text, library_versions, read_record, recorded_source,
+                              staged_dir)
 from kdship.backends import BACKENDS, get_backend, model_file
 from kdship.manifest import read_manifest
 from kdship.config import BenchConfig, to_record
-from kdship.errors import ConfigError, DataError, ModelError
+from kdship.errors import ConfigError, DataError, ModelError, not_a_folder
 from kdship.measure import instability, interleaved, ratio_interval
 from kdship.models import under_weights_policy
 
@@ -89,8 +90,7 @@ def _real_ids(folder: Path) -> list[np.ndarray] | None:
     from kdship.errors import DataError
     from kdship.models import load_tokenizer
 
-    record = read_record(folder) or {}
-    source = (record.get("data", {}).get("eval") or {}).get("source")
+    source = recorded_source(read_record(folder) or {}, "eval", folder)
     if not source or not Path(source).exists():
         return None
     try:
@@ -173,7 +173,7 @@ def bench_backend(backend_name: str, models: list[tuple[Path, Path]], inputs: di
             feeds = {folder.name: inputs[folder].feeds(batch, seq) for folder, _ in models}
             figures = measure_point(runners, feeds, cfg, baseline)
             for folder, path in models:
-                rows.append({"model": folder.name, "path": str(folder), "backend": backend_name, "file": path.name,
+                rows.append({"model": folder.name, "path": str(folder.resolve()), "backend": backend_name, "file": path.name,
                              "batch": batch, "seq": seq, "inputs": "real" if inputs[folder].real is not None else
                              "random", **figures[folder.name], "rss_mb": rss_mb(),
                              "rss_model_mb": loaded_mb[folder.name], "gpu_allocated_mb": _gpu_allocated_mb()})
@@ -197,7 +197,7 @@ def model_facts(folder: Path) -> dict[str, Any]:
     record = read_record(folder) or {}
     manifest = read_manifest(folder) or {}
     role = record.get("command")
-    return {"name": folder.name, "path": str(folder), "command": role,
+    return {"name": folder.name, "path": str(folder.resolve()), "command": role,
             "parameters": (record.get("student") or record.get("model") or {}).get("parameters"),
             "metrics": record.get("metrics"), "exported": list(manifest.get("variants", {}))}
 
@@ -237,7 +237,7 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
     folders = [Path(m) for m in cfg.models]
     for folder in folders:
         if not folder.is_dir():
-            raise ModelError(f"{folder} not found; bench an artifact (kdship export) or a model folder")
+            raise ModelError(f"{not_a_folder(folder)}; bench an artifact folder (kdship export) or a model folder")
     names = [f.name for f in folders]
     if len(set(names)) != len(names):
         raise ConfigError(f"two models are named alike ({', '.join(names)}); results are keyed by folder name, so "

@@ -110,7 +110,10 @@ def build_biencoder(source: str | None = None, config: Any = None, label_names: 
     kwargs = encoder_kwargs or {}
     if source is None:
         return BiEncoder(AutoModel.from_config(config, **kwargs), label_names)
-    encoder = AutoModel.from_pretrained(source, **kwargs)
+    from kdship.models import check_weights_loaded
+
+    encoder, info = AutoModel.from_pretrained(source, output_loading_info=True, **kwargs)
+    check_weights_loaded(encoder, info["missing_keys"], source)
     saved = biencoder_settings(encoder.config) or {}
     names = saved.get("label_names") if keep_head else None
     model = BiEncoder(encoder, label_names or names, saved.get("scale", SCALE))

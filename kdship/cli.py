@@ -69,6 +69,7 @@ def command(fn: Callable | None = None, *, name: str | None = None, on: typer.Ty
         from kdship.ui import quiet_libraries
 
         quiet_libraries()
+        _stop_cleanly_on_sigterm()
         try:
             result = fn(*args, **kwargs)
             _leave_process_group()
@@ -79,16 +80,32 @@ def command(fn: Callable | None = None, *, name: str | None = None, on: typer.Ty
         except OSError as e:  # a path that cannot be written or read: under a file, no permission, disk full
             typer.echo(f"error: {_path_problem(e)}", err=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             hint = "; rerun with --resume to continue from the last checkpoint" if fn.__name__ in RESUMABLE else ""
-            typer.echo(f"interrupted{hint}", err=True)
-            raise typer.Exit(130) from None
+            typer.echo(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}{hint}", err=True)
+            raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
 
     cls = type(f"{fn.__name__}_command", (ShowsConfigDefaults,), {"config_name": config})
     return on.command(name=name, cls=cls, context_settings=HELP_OPTIONS)(run)
 
 
 RESUMABLE = ("train", "distill")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (docker stop, a cancelled CI job, a launcher stopping its workers), raised where the command is, so
+    that it unwinds like Ctrl-C: staged outputs and empty run folders are removed, nothing half-written stays."""
+
+
+def _stop_cleanly_on_sigterm() -> None:
+    import signal
+    import threading
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    if threading.current_thread() is threading.main_thread():  # (signal handlers can only be set there)
+        signal.signal(signal.SIGTERM, terminated)
 
 
 def _leave_process_group() -> None:
@@ -454,12 +471,13 @@ def report(
     runs: Annotated[list[str], typer.Argument(help="run folders (model, artifact, bench) or a folder of them")],
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="HTML path (report.md is written beside)")] = None,
     title: Annotated[Optional[str], typer.Option("--title")] = None,
+    verify: Verify = None,
 ) -> None:
     """An HTML report (and Markdown) with accuracy, parity, speed plots and recipes, from saved artifacts."""
     from kdship.config import ReportConfig, build_config
     from kdship.report import report as run
 
-    result = run(build_config(ReportConfig, runs=runs, output=output, title=title))
+    result = run(build_config(ReportConfig, runs=runs, output=output, title=title, verify=verify))
     typer.echo(f"wrote {result['output']} and {result['markdown']} ({len(result['plots'])} plots)")
 
 

@@ -132,8 +132,8 @@ class RunConfig(Strict):
     match_loss: Literal["in_batch", "classify"] = Field(
         "in_batch", description="objective match: in_batch (each pair's partner against the batch's other "
                                 "partners, no labels) or classify (labelled pairs, from u, v and |u-v|)")
-    epochs: float = Field(3.0, gt=0)
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    epochs: float = Field(3.0, gt=0, le=1e6)
+    max_steps: int | None = Field(None, ge=1, le=10**9, description="stop after this many optimizer steps")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list, description="experiment trackers (Accelerate's): losses, learning rate, evaluations")
     logging_dir: str | None = Field(None, description="where trackers write; default <output>-logs beside it")
@@ -306,6 +306,8 @@ def resolve_recipe(path: str | Path, what: str = "recipe") -> Path:
     given = Path(path)
     if given.is_file():
         return given
+    if given.is_dir():
+        raise ConfigError(f"{what} {path} is a folder; give the YAML file")
     shipped = shipped_recipes()
     if what == "recipe" and given.parent == Path(".") and given.stem in shipped:
         return shipped[given.stem]
@@ -448,7 +450,7 @@ class ServeConfig(Strict):
     """`kdship serve`: an HTTP server for an exported classifier."""
 
     artifact: str
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", min_length=1, description="address to listen on (0.0.0.0: every interface)")
     port: int = Field(8000, ge=0, le=65535, description="0 picks a free port")
     backend: str = "ort-cpu"
     variant: str | None = Field(None, description="exported variant to serve (default: the backend's preferred)")
@@ -474,9 +476,9 @@ class TritonConfig(Strict):
                                                   "ort-opt/onnx on cpu")
     kind: Literal["auto", "gpu", "cpu"] = Field("auto", description="Triton instance kind: auto loads on a GPU "
                                                 "server and on a CPU-only one")
-    max_batch: int = Field(64, ge=1)
-    instances: int = Field(1, ge=1)
-    queue_delay_us: int = Field(100, ge=0)
+    max_batch: int = Field(64, ge=1, le=2**31 - 1, description="Triton's max_batch_size (an int32)")
+    instances: int = Field(1, ge=1, le=1024)
+    queue_delay_us: int = Field(100, ge=0, le=10**9)
     max_length: int | None = Field(None, ge=8, description="tokenizer pads to this; default: the artifact's")
     verify: bool = Field(True, description="check the artifact's files against the sha256 in its manifest")
     overwrite: bool = False
@@ -520,6 +522,8 @@ class ReportConfig(Strict):
     runs: list[str] = Field(min_length=1)
     output: str = Field("report.html", description="HTML path; the Markdown goes beside it, as .md")
     title: str = "kdship report"
+    verify: bool = Field(True, description="check each artifact's files against the sha256 in its manifest (the "
+                                           "report shows its parity figures)")
 
     @field_validator("output")
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,9 @@ def load_table(source: str, text_columns: Sequence[str] | None, label_column: st
     path = Path(source).expanduser()
     is_text_file = path.is_dir() or path.name.endswith((".txt", ".txt.gz"))
     if path.exists() and is_text_file:
+        if label_column is not None and path.is_dir() and not any(path.iterdir()):
+            raise DataError(f"data folder {source} is empty; give a data file (csv/tsv/jsonl/parquet), or a folder of "
+                            ".txt files for --objective mlm")
         if label_column is not None:
             raise DataError(f"{source} is plain text without labels; classification needs csv/tsv/jsonl/parquet "
                             "with a label column (plain text is for --objective mlm)")
@@ -129,6 +133,8 @@ def load_table(source: str, text_columns: Sequence[str] | None, label_column: st
         table = TextTable(texts, None, str(path), _file_fingerprint(files))
     elif path.exists():
         table = _table_from_frame(_read_frame(path), text_columns, label_column, str(path), _file_fingerprint([path]))
+    elif os.path.lexists(path):
+        raise DataError(f"data {source} is a broken link or a link loop; point at the file itself")
     elif path.suffix.lower() in TABLE_SUFFIXES | TEXT_SUFFIXES or source.startswith((".", "/", "~")):
         raise DataError(f"data file {source} not found; check the path")
     else:

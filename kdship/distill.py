@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdship.artifacts import read_record, sha256_file, staged_dir, write_record
+from kdship.artifacts import read_record, sha256_file, staged_dir, with_relative_sources, write_record
 from kdship.config import DistillConfig, to_record
 from kdship.data import model_inputs, targets, token_mask
 from kdship.errors import ConfigError, ModelError
@@ -335,7 +335,8 @@ def _write_outputs(run: DistillRun, state: LoopState, run_dir: Path) -> dict[str
         return write_output(Path(cfg.output), run_dir, state, t, run.tokenizer, record_for(t), cfg.overwrite, runtime,
                             run.data.baseline)
     weights = {t.name: final_weights(run_dir, state, t, runtime) for t in run.trainees}
-    results = {t.name: output_record(state, t, record_for(t), run.data.baseline) for t in run.trainees}
+    results = {t.name: with_relative_sources(output_record(state, t, record_for(t), run.data.baseline),
+                                             Path(cfg.output) / t.name) for t in run.trainees}
     output = Path(cfg.output)
     if runtime.is_main:
         with staged_dir(output, cfg.overwrite) as tmp:  # every student appears at once, or none does

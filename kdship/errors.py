@@ -1,6 +1,19 @@
 """Typed errors: the library raises these, the CLI turns them into one line and an exit code."""
 
 
+def not_a_folder(path: object) -> str:
+    """Why a path given as a folder is not one, in words: it is a file, a broken link, or not there."""
+    import os
+    from pathlib import Path
+
+    path = Path(str(path))
+    if path.is_file():
+        return f"{path} is a file, not a folder"
+    if os.path.lexists(path) and not path.exists():
+        return f"{path} is a broken link or a link loop"
+    return f"{path} not found"
+
+
 class KdshipError(Exception):
     """A problem the user can fix; the message names the problem and the fix."""
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from kdship.models import under_weights_policy
 from kdship.artifacts import (RECORD_NAME, atomic_write_json, check_output_dir, library_versions, read_record,
-                              sha256_file, staged_dir)
+                              recorded_source, sha256_file, staged_dir)
 from kdship.config import ExportConfig, to_record
 from kdship.data import encode_labels, load_table
 from kdship.errors import CheckFailed, ConfigError, DataError, KdshipError, ModelError
@@ -38,10 +38,10 @@ def _student(cfg: ExportConfig) -> tuple[Any, Any, dict[str, Any]]:
     return build_model("classify", cfg.student).eval(), load_tokenizer(cfg.student, "student"), record
 
 
-def _data_source(explicit: str | None, record: dict[str, Any], *keys: str) -> str | None:
-    """The data the command line names, else the data the student's record says it was trained on."""
+def _data_source(explicit: str | None, record: dict[str, Any], folder: str, *keys: str) -> str | None:
+    """The data the command line names, else the data the student's record (in `folder`) says it was trained on."""
     for key in keys:
-        source = record.get("data", {}).get(key, {}).get("source")
+        source = recorded_source(record, key, Path(folder))
         if explicit or source:
             return explicit or source
     return None
@@ -55,7 +55,7 @@ def _eval_set(cfg: ExportConfig, record: dict[str, Any], model: Any,
     from kdship.exporters.parity import builtin_texts
     from kdship.models import label_names_of
 
-    source = _data_source(cfg.eval_data, record, "eval", "train")
+    source = _data_source(cfg.eval_data, record, cfg.student, "eval", "train")
     columns = _text_columns(cfg, record)
     if source is None:
         texts = builtin_texts(tokenizer, len(columns or [None]), cfg.eval_samples or 256)
@@ -139,7 +139,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     with staged_dir(Path(cfg.output), cfg.overwrite) as out:
         ctx = ExportContext(model, tokenizer, out, cfg)
         if any(e.name == "int8-static" for e in order):
-            calib_source = _data_source(cfg.calib_data, record, "train", "eval")
+            calib_source = _data_source(cfg.calib_data, record, cfg.student, "train", "eval")
             if calib_source is None:
                 raise ConfigError("int8-static calibrates activation ranges on real inputs and the model names no "
                                   "data; pass --calib-data FILE (or export int8, which needs none)")

@@ -90,10 +90,10 @@ def _collapse_checks(runs: Runs) -> list[Check]:
 
 def _integrity_checks(runs: Runs) -> list[Check]:
     """One check per artifact: every file it lists is present and has the sha256 the export recorded."""
-    from kdship.manifest import changed_files, files_in_use
+    from kdship.manifest import changed_files
 
-    return [Check.of(f"{Path(folder).name} files changed since export", len(changed_files(
-        Path(folder), manifest, files_in_use(manifest, None))), "<=", 0) for folder, manifest in runs.artifacts.items()]
+    return [Check.of(f"{Path(folder).name} files changed since export", len(changed_files(Path(folder), manifest, None)),
+                     "<=", 0) for folder, manifest in runs.artifacts.items()]
 
 
 def _point(runs: Runs, budget: SpeedBudget) -> dict[str, Any]:

@@ -168,6 +168,14 @@ class Checkpointer:
 
     def load(self, plan: TrainingPlan, optimizer: Any, scheduler: Any) -> LoopState:
         payload = self._read()
+        try:
+            return self._restore(payload, plan, optimizer, scheduler)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:  # parts that do not fit this run
+            raise ConfigError(f"{self.path} does not fit this run ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:120] if str(e).strip() else 'malformed'}); pass "
+                              "--overwrite to start again") from None
+
+    def _restore(self, payload: dict[str, Any], plan: TrainingPlan, optimizer: Any, scheduler: Any) -> LoopState:
         changed = [k for k in self.fingerprint if payload["config"].get(k) != self.fingerprint[k]]
         if changed:
             raise ConfigError(f"checkpoint {self.path} was made with a different {changed[0]!r}; resume with the "
@@ -188,17 +196,22 @@ class Checkpointer:
         return LoopState(**payload["state"])
 
     def _read(self) -> dict[str, Any]:
-        import pickle
-
         try:
             payload = torch.load(self.path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"{self.path} is not a kdship checkpoint that can be loaded safely ({reason[:160]}); "
+        except Exception as e:  # anything the unpickler raises: refused pickles, foreign or damaged files
+            reason = "it holds objects other than tensors and plain data" if "weights_only" in str(e) else (
+                f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120]}" if str(e).strip() else type(e).__name__)
+            raise ConfigError(f"{self.path} is not a kdship checkpoint that can be loaded safely ({reason}); "
                               "pass --overwrite to start again") from None
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             raise ConfigError(f"{self.path} is not a checkpoint of this kdship version; pass --overwrite to start "
                               "again")
+        shape = {"config": dict, "processes": int, "trainees": dict, "optimizer": dict, "scheduler": dict,
+                 "state": dict, "per_process": list}
+        wrong = next((key for key, kind in shape.items() if not isinstance(payload.get(key), kind)), None)
+        if wrong is not None:
+            raise ConfigError(f"{self.path} is damaged (its {wrong!r} entry is missing or malformed); pass "
+                              "--overwrite to start again")
         return payload
 
 

@@ -54,10 +54,13 @@ def files_in_use(manifest: dict[str, Any], model_file: str | None) -> list[str]:
             or not any(belongs(name, v) for v in variant_files)]
 
 
-def changed_files(folder: Path, manifest: dict[str, Any], names: list[str]) -> list[str]:
-    """The files among `names` that are missing or differ from the sha256 the export recorded."""
-    problems = []
-    for name in names:
+def changed_files(folder: Path, manifest: dict[str, Any], model_file: str | None) -> list[str]:
+    """What is wrong with the files a command running `model_file` uses (None: every file): a model file the
+    manifest holds no sha256 for (a hash removed from the manifest must not let a changed model through), or a
+    file that is missing or differs from the sha256 the export recorded."""
+    wanted = [model_file] if model_file else sorted({v["file"] for v in manifest["variants"].values()})
+    problems = [f"{name} has no sha256 in the manifest" for name in wanted if name not in manifest["files"]]
+    for name in files_in_use(manifest, model_file):
         path = Path(folder) / name
         if not path.is_file():
             problems.append(f"{name} is missing")
@@ -67,7 +70,7 @@ def changed_files(folder: Path, manifest: dict[str, Any], names: list[str]) -> l
 
 
 def verify(folder: Path, manifest: dict[str, Any], model_file: str | None) -> None:
-    problems = changed_files(folder, manifest, files_in_use(manifest, model_file))
+    problems = changed_files(folder, manifest, model_file)
     if problems:
         raise ModelError(f"{folder}: {problems[0]}; re-export the artifact (or pass --no-verify to use it as it "
                          "is)")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from kdship.errors import ModelError
+from kdship.errors import ModelError, not_a_folder
 
 # Shape-spec keys -> config attributes (transformers' attribute_map covers families with other names, e.g. DistilBERT).
 SPEC_KEYS = {"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
@@ -100,12 +102,16 @@ def _set_ffn(config: Any, value: int | None) -> None:
 
 
 def _check_exists(source: str, role: str) -> None:
-    looks_local = source.startswith((".", "/", "~")) or Path(source).exists() or source.count("/") > 1
+    if re.fullmatch(r"[a-z][a-z0-9_-]*:.*=.*", source.strip()):  # meant as a shape spec: say what is wrong with it
+        parse_shape_spec(source)
+        raise ModelError(f"{role} {source!r} is not a valid shape spec; write family:key=N,... with positive "
+                         f"integers, keys from {', '.join(SPEC_KEYS)} (e.g. bert:layers=4,hidden=312)")
+    looks_local = source.startswith((".", "/", "~")) or os.path.lexists(source) or source.count("/") > 1
     path = Path(source).expanduser()
     if looks_local and path.is_file():
         raise ModelError(f"{role} {source} is a file; give its save_pretrained folder (with config.json)")
     if looks_local and not path.is_dir():
-        raise ModelError(f"{role} {source} not found; give a save_pretrained folder, a hub id, or a shape spec")
+        raise ModelError(f"{role} {not_a_folder(path)}; give a save_pretrained folder, a hub id, or a shape spec")
 
 
 def load_config(source: str, role: str) -> Any:
@@ -215,7 +221,8 @@ def build_model(objective: str, source: str | None = None, config: Any = None, l
                 setattr(config, "_attn_implementation" if key == "attn_implementation" else key, value)
             model = auto.from_config(config)
         else:
-            model = auto.from_pretrained(source, **kwargs)
+            model, info = auto.from_pretrained(source, output_loading_info=True, **kwargs)
+            check_weights_loaded(model, info["missing_keys"], source, model.base_model_prefix)
         # what save_pretrained writes and a reload reads back: a classifier head added here (to a bare encoder, or a
         # fresh config) is known as one at once, by the checks that compare its labels with another model's
         model.config.architectures = [type(model).__name__]
@@ -225,6 +232,10 @@ def build_model(objective: str, source: str | None = None, config: Any = None, l
     except OSError as e:  # a folder with config.json but no (or unreadable) weights
         first = str(e).strip().splitlines()[0]
         raise ModelError(f"{source}: weights could not be loaded ({first}); check the folder holds model.safetensors")
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:  # a damaged pickle, weights of another shape
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{source}: weights could not be loaded ({type(e).__name__}: {first}); use a folder whose "
+                         "weights match its config.json (re-save it with save_pretrained)") from None
     except ValueError as e:
         first = str(e).strip().splitlines()[0]
         raise ModelError(f"{source or config.model_type}: cannot build a {objective} model ({first}); "
@@ -234,6 +245,16 @@ def build_model(objective: str, source: str | None = None, config: Any = None, l
             raise
         raise ModelError(f"{source}: model.safetensors is damaged or truncated ({str(e).splitlines()[0][:120]}); "
                          "copy it again or re-create the model") from None
+
+
+def check_weights_loaded(model: Any, missing: Any, source: str, prefix: str = "") -> None:
+    """A model loaded from `source` must have found its body's weights there: transformers initialises missing
+    weights at random with only a log line, so an empty or foreign weights file would give a random model that
+    trains, evaluates and ships. A new head (a classifier on an encoder, a pooler) is expected and allowed."""
+    body = sorted(k for k in missing if "pooler" not in k and (not prefix or k.startswith(f"{prefix}.")))
+    if body:
+        raise ModelError(f"{source}: its weights file lacks {len(body)} of the model's weights (e.g. {body[0]}), so "
+                         "they would be random; use the folder the model was saved to with save_pretrained")
 
 
 def uniform_layer_map(student_layers: int, teacher_layers: int) -> list[int]:

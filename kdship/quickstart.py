@@ -64,6 +64,9 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     from kdship.synthetic import write_split
     from kdship.train import train
 
+    from kdship.runtime import pick_device
+
+    pick_device(cfg.device)  # a device that is not here stops the run before anything is written
     root = Path(cfg.output)
     if root.exists() and any(root.iterdir()):
         if not cfg.overwrite:

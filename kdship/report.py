@@ -15,6 +15,7 @@ import yaml
 
 from kdship.artifacts import atomic_write_bytes, atomic_write_text
 from kdship.config import ReportConfig
+from kdship.errors import ConfigError
 from kdship.runs import Runs, collect, headline_metrics
 
 
@@ -318,8 +319,16 @@ def render(sections: list[tuple[str, list[Any]]], title: str, assets: str) -> tu
 
 
 def report(cfg: ReportConfig) -> dict[str, Any]:
-    runs = collect(cfg.runs)
+    from kdship.manifest import verify
+
     out = Path(cfg.output)
+    for path in (out, out.with_suffix(".md")):
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder; give the report's file path, e.g. {path / 'report.html'}")
+    runs = collect(cfg.runs)
+    if cfg.verify:  # parity figures are only worth showing for the files that were checked
+        for folder, manifest in runs.artifacts.items():
+            verify(Path(folder), manifest, None)
     assets = out.with_suffix("").name + "_assets"
     page, markdown, images = render(build_sections(runs), cfg.title, assets)
     for name, png in images.items():

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from kdship.artifacts import staged_dir, write_record
+from kdship.artifacts import staged_dir, with_relative_sources, write_record
 from kdship.biencoder import embed_pairs, retrieval_metrics
 from kdship.config import RunConfig
 from kdship.data import Encoded, TextTable, encode_labels, label_names_from_data, load_table, tokenize
@@ -237,7 +237,7 @@ def write_output(output: Path, run_dir: Path, state: LoopState, trainee: Trainee
                  baseline: Baseline | None = None) -> dict[str, Any]:
     """One model's output folder, written atomically by rank 0."""
     weights = final_weights(run_dir, state, trainee, runtime)
-    record = output_record(state, trainee, record, baseline)
+    record = with_relative_sources(output_record(state, trainee, record, baseline), output)
     if runtime.is_main:
         with staged_dir(output, overwrite=overwrite) as tmp:
             write_model_folder(tmp, weights, tokenizer, record)

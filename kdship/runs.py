@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kdship.artifacts import RECORD_NAME
-from kdship.errors import DataError
+from kdship.errors import DataError, not_a_folder
 from kdship.manifest import MANIFEST, read_manifest
 
 FILES = (RECORD_NAME, "eval.json", "manifest.json", "bench.json", "gate.json")
@@ -38,9 +38,34 @@ class Runs:
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
         raise DataError(f"{path} could not be read as JSON ({e}); rerun the command that wrote it") from None
+    problem = _shape_problem(path.name, data)
+    if problem:
+        raise DataError(f"{path} is not the {path.name} kdship writes ({problem}); rerun the command that wrote it")
+    return data
+
+
+def _shape_problem(name: str, data: Any) -> str | None:
+    """What report and gate read of each file, checked before they read it: None when it is all there."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    if name == "eval.json":
+        student = data.get("student")
+        if not isinstance(student, dict) or "label_names" not in data:
+            return "no student metrics or label names"
+        metrics = CLASSIFICATION_METRICS if data["label_names"] else RETRIEVAL_METRICS
+        wrong = next((m for m in metrics if not isinstance(student.get(m), (int, float))), None)
+        return f"student {wrong} is not a number" if wrong else None
+    if name == "bench.json":
+        rows = data.get("results")
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and {"model", "backend", "batch", "seq"} <= r.keys()
+                                                 for r in rows):
+            return "results are not a list of measured rows"
+    if name == RECORD_NAME and not isinstance(data.get("metrics", {}), dict):
+        return "metrics is not a mapping"
+    return None
 
 
 def _candidates(root: Path) -> list[Path]:
@@ -54,7 +79,7 @@ def collect(paths: list[str]) -> Runs:
     for given in paths:
         root = Path(given)
         if not root.is_dir():
-            raise DataError(f"{root} not found; give run folders (model, artifact, bench) or a folder holding them")
+            raise DataError(f"{not_a_folder(root)}; give run folders (model, artifact, bench) or a folder holding them")
         for folder in _candidates(root):
             is_artifact = (folder / "manifest.json").exists()
             for name in FILES:

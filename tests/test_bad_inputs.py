@@ -49,6 +49,24 @@ def bad(teacher_dir, artifact, data_dir, tmp_path_factory) -> dict[str, Path]:
     made["gpt2"] = root / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=300, n_positions=64)).save_pretrained(
         made["gpt2"])
+    made["unhashed"] = shutil.copytree(made["tampered"], root / "unhashed")  # changed models, their hashes removed
+    manifest = json.loads((made["unhashed"] / "manifest.json").read_text())
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.endswith(".onnx")}
+    (made["unhashed"] / "manifest.json").write_text(json.dumps(manifest))
+    made["garbage_pickle"] = shutil.copytree(made["pickle_model"], root / "garbage-pickle")
+    (made["garbage_pickle"] / "pytorch_model.bin").write_bytes(b"\x80\x04 this is no pickle at all")
+    made["no_tensors"] = shutil.copytree(teacher_dir, root / "no-tensors")
+    from safetensors.torch import save_file
+
+    save_file({}, made["no_tensors"] / "model.safetensors", metadata={"format": "pt"})
+    made["wrong_shape"] = shutil.copytree(teacher_dir, root / "wrong-shape")
+    state = load_file(made["wrong_shape"] / "model.safetensors")
+    state["classifier.weight"] = torch.zeros(7, state["classifier.weight"].shape[1])
+    save_file(state, made["wrong_shape"] / "model.safetensors", metadata={"format": "pt"})
+    made["bad_eval"] = shutil.copytree(artifact, root / "bad-eval")
+    (made["bad_eval"] / "eval.json").write_text(json.dumps({"student": {"accuracy": "high"}, "label_names": ["a"]}))
+    made["link_loop"] = root / "loop.tsv"
+    made["link_loop"].symlink_to(made["link_loop"])
     made["budgets"] = root / "budgets.yaml"
     made["budgets"].write_text("max_accuracy_drop: 0.5\n")
     made["dev"] = data_dir / "dev.tsv"
@@ -136,6 +154,45 @@ CASES = {
                                         "is not an address or a known host name"),
     "serve --host of another machine": (["serve", "{artifact}", "--host", "192.0.2.1", "--port", "0"],
                                         "not an address of this machine"),
+    "serve --host empty": (["serve", "{artifact}", "--host", "", "--port", "0"], "host: String should have at least"),
+    # a changed model whose hash was removed from the manifest is no unchanged model
+    **{f"{cmd[0]} of a model without a recorded hash": (cmd, "has no sha256 in the manifest") for cmd in (
+        ["bench", "{unhashed}", "--batch", "1", "--seq", "8", "-o", OUT], ["serve", "{unhashed}", "--port", "0"],
+        ["deploy", "triton", "{unhashed}", "--kind", "cpu", "--variant", "onnx", "-o", OUT],
+        ["report", "{unhashed}", "-o", "{out}/r.html"])},
+    "report of a tampered artifact": (["report", "{tampered}", "-o", "{out}/r.html"], "differs from the file"),
+    # weights that load but are not what they claim
+    "eval of a damaged pickle, allowed": (["eval", "{garbage_pickle}", "--data", "{dev}", "--allow-pickle-weights",
+                                          "-o", OUT], "weights could not be loaded"),
+    "eval of weights of another shape": (["eval", "{wrong_shape}", "--data", "{dev}", "-o", OUT],
+                                         "weights could not be loaded"),
+    "eval of a weights file without tensors": (["eval", "{no_tensors}", "--data", "{dev}", "-o", OUT],
+                                               "so they would be random"),
+    # saved results that are not what kdship writes
+    "gate of an eval.json with text for a number": (["gate", "{bad_eval}", "--budgets", "{budgets}"],
+                                                    "student accuracy is not a number"),
+    "report of an eval.json with text for a number": (["report", "{bad_eval}", "-o", "{out}/r.html"],
+                                                      "student accuracy is not a number"),
+    "deploy triton --max-batch beyond int32": (["deploy", "triton", "{artifact}", "--max-batch", "1" + "0" * 20, "-o",
+                                                OUT], "less than or equal to 2147483647"),
+    "train --max-steps beyond any run": (["train", "--model", "{teacher}", "--data", "{train}", "--max-steps",
+                                          "1" + "0" * 30, "-o", OUT], "less than or equal to"),
+    # outputs that are folders, and folders that are files
+    "eval -o a folder": (["eval", "{teacher}", "--data", "{dev}", "-o", "{empty}"], "is a folder; give a file path"),
+    "report -o a folder": (["report", "{artifact}", "-o", "{empty}"], "is a folder; give the report's file path"),
+    "gate --json a folder": (["gate", "{artifact}", "--budgets", "{budgets}", "--json", "{empty}"], "is a folder"),
+    "gate --junit a folder": (["gate", "{artifact}", "--budgets", "{budgets}", "--junit", "{empty}"], "is a folder"),
+    "bench of a file": (["bench", "{file}", "--batch", "1", "--seq", "8", "-o", OUT], "is a file, not a folder"),
+    "gate of a file": (["gate", "{file}", "--budgets", "{budgets}"], "is a file, not a folder"),
+    "gate --budgets a folder": (["gate", "{artifact}", "--budgets", "{empty}"], "is a folder; give the YAML file"),
+    "export -o where nothing can be written": (["export", "{teacher}", "-o", "/proc/kdship-artifact"],
+                                               "choose another path"),
+    "distill a student of a negative shape": (["distill", "--teacher", "{teacher}", "--student", "bert:layers=-3",
+                                               "--data", "{train}", "-o", OUT], "layers must be a positive integer"),
+    "distill --data an empty folder": (["distill", "--teacher", "{teacher}", "--student", "bert:layers=1", "--data",
+                                        "{empty}", "-o", OUT], "is empty"),
+    "distill --data a link loop": (["distill", "--teacher", "{teacher}", "--student", "bert:layers=1", "--data",
+                                    "{link_loop}", "-o", OUT], "broken link or a link loop"),
 }
 
 
@@ -167,18 +224,44 @@ def test_pickle_weights_load_when_allowed(bad, tmp_path):
     assert json.loads((tmp_path / "eval.json").read_text())["student"]["accuracy"] > 0
 
 
-def test_outputs_honour_the_umask(teacher_dir, tmp_path):
+def test_outputs_honour_the_umask(teacher_dir, data_dir, tmp_path):
     import os
     import stat
 
     old = os.umask(0o022)
     try:
-        result = kdship("export", teacher_dir, "--to", "onnx", "-o", tmp_path / "art")
+        made = {"art": kdship("export", teacher_dir, "--to", "onnx", "-o", tmp_path / "art"),
+                "student": kdship("distill", "--teacher", teacher_dir, "--student", "bert:layers=1", "--data",
+                                  data_dir / "train.tsv", "--max-steps", 2, "-o", tmp_path / "student"),
+                "model": kdship("train", "--model", teacher_dir, "--data", data_dir / "train.tsv", "--max-steps", 2,
+                                "-o", tmp_path / "model")}
     finally:
         os.umask(old)
-    assert result.exit_code == 0, result.output
-    assert stat.S_IMODE((tmp_path / "art").stat().st_mode) == 0o755
-    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in (tmp_path / "art").iterdir() if p.is_file())
+    for name, result in made.items():
+        assert result.exit_code == 0, result.output
+        folder = tmp_path / name
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir() if p.is_file()}
+        assert set(modes.values()) == {0o644}, modes  # model.safetensors too (transformers writes it 0600)
+
+
+def test_sigterm_during_export_leaves_nothing(teacher_dir, tmp_path):
+    """docker stop / a cancelled CI job: the command unwinds as for Ctrl-C, no staging folder stays behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = subprocess.Popen([sys.executable, "-m", "kdship", "export", str(teacher_dir), "--to", "onnx,ort-opt,int8",
+                            "-o", str(tmp_path / "art")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".art.staging.*")) and run.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert run.poll() is None, "the export ended before it could be stopped"
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 143 and "terminated" in err and "Traceback" not in err, err
+    assert not list(tmp_path.iterdir()), list(tmp_path.iterdir())
 
 
 def test_records_hold_paths_that_work_from_another_folder(teacher_dir, data_dir, tmp_path, monkeypatch):
@@ -199,4 +282,11 @@ def test_records_hold_paths_that_work_from_another_folder(teacher_dir, data_dir,
                    "--min-runs", "3", "-o", "bench")
     assert bench.exit_code == 0, bench.output
     rows = json.loads((tmp_path / "bench" / "bench.json").read_text())["results"]
-    assert {r["inputs"] for r in rows} == {"real"}
+    assert {r["inputs"] for r in rows} == {"real"} and {r["path"] for r in rows} == {str(tmp_path / "artifact")}
+    # the tree moved as a whole (data and student): the record's paths relative to itself still lead to the data
+    moved = tmp_path / "moved"
+    shutil.move(run, moved)
+    result = kdship("export", moved / "student", "-o", "artifact-after-move")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "artifact-after-move" / "manifest.json").read_text())
+    assert manifest["checked_on"]["inputs"] == str(moved / "data" / "dev.tsv"), manifest["checked_on"]

@@ -234,3 +234,19 @@ def test_a_planted_pickle_in_the_checkpoint_is_refused_without_running(data_dir,
     result = kdship(*_large_args(data_dir, teacher_dir, tmp_path / "large"), "--resume")
     assert result.exit_code == 2 and not marker.exists(), result.output
     assert result.stderr.count("\n") == 1 and "not a kdship checkpoint that can be loaded safely" in result.stderr
+
+
+@pytest.mark.parametrize("content", ["format only", "entries of the wrong kind", "not a pickle"])
+def test_a_checkpoint_that_is_not_kdships_is_one_line(data_dir, teacher_dir, tmp_path, content):
+    run_dir = tmp_path / ".large.kdship-run"
+    run_dir.mkdir()
+    path = run_dir / "checkpoint.pt"
+    if content == "not a pickle":
+        path.write_bytes(b"PK\x03\x04 not a checkpoint at all")
+    else:
+        extra = {"config": [1, 2], "processes": "two"} if content == "entries of the wrong kind" else {}
+        torch.save({"format": "kdship-checkpoint/2", **extra}, path)
+    result = kdship(*_large_args(data_dir, teacher_dir, tmp_path / "large"), "--resume")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.stderr.count("\n") == 1 and "pass --overwrite to start again" in result.stderr, result.stderr
+

@@ -159,21 +159,33 @@ def test_torch_backend_serves_the_model_folder_in_process(teacher_dir):
 def test_deep_json_unknown_routes_and_methods_get_kdship_errors_and_are_counted(server):
     url, proc = server
     deep = b'{"texts": ' + b"[" * 3000 + b"]" * 3000 + b"}"  # 6 KB: would overflow the JSON parser's recursion
+    name = httpx.get(f"{url}/v1/model", timeout=5).json()["name"]
+    json_body = {"content-type": "application/json"}
     with httpx.Client(timeout=10) as client:  # one keep-alive connection: the next request must not be reset
-        r = client.post(f"{url}/v1/classify", content=deep, headers={"content-type": "application/json"})
+        r = client.post(f"{url}/v1/classify", content=deep, headers=json_body)
         assert r.status_code == 400 and "nested more than 32 levels" in r.json()["error"]["message"]
+        assert client.post(f"{url}/v1/classify", json={"texts": ["fine"]}).status_code == 200
+        # every route parses its body the same way: too deep, a number too long to convert, a lone surrogate
+        bad_bodies = (deep, b'{"inputs": [' + b"7" * 5000 + b"]}", b'{"texts": ["\\ud800"], "inputs": "\\ud800"}')
+        for path in ("/v1/classify", "/predict", f"/v2/models/{name}/infer"):
+            for body in bad_bodies:
+                r = client.post(f"{url}{path}", content=body, headers=json_body)
+                assert r.status_code in (400, 422), (path, body[:40], r.status_code, r.text[:200])
+        lone = client.post(f"{url}/v1/classify", content=b'{"texts": ["\\ud800"]}', headers=json_body)
+        assert "lone surrogate" in lone.json()["error"]["message"], lone.text
         assert client.post(f"{url}/v1/classify", json={"texts": ["fine"]}).status_code == 200
         for method, path, code in (("GET", "/nope", 404), ("GET", "/v1/classify", 405), ("DELETE", "/health", 405)):
             r = client.request(method, f"{url}{path}")
             assert r.status_code == code and r.json()["error"]["code"] == code, r.text
-    assert _metric(url, 'kdship_requests_total{endpoint="/v1/classify",status="400"}') >= 1
+    assert _metric(url, 'kdship_requests_total{endpoint="/v1/classify",status="400"}') >= 4
+    assert _metric(url, 'kdship_requests_total{endpoint="/predict",status="400"}') >= 3
     assert _metric(url, 'kdship_requests_total{endpoint="other",status="404"}') >= 1
     assert _metric(url, 'kdship_requests_total{endpoint="/v1/classify",status="405"}') >= 1
     assert proc.poll() is None
 
 
 def test_json_depth_ignores_brackets_inside_strings():
-    from kdship.serve.app import json_depth
+    from kdship.serve.protocols import json_depth
 
     assert json_depth(b'{"texts": ["[[[[", "a \\" [[ b"]}') == 2
     assert json_depth(b"[[[]]]") == 3

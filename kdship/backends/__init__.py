@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from kdship.manifest import read_manifest
 from kdship.manifest import verify as verify_manifest
-from kdship.errors import ConfigError, ModelError
+from kdship.errors import ConfigError, ModelError, not_a_folder
 
 Runner = Callable[[dict[str, Any]], Any]
 
@@ -65,7 +65,7 @@ def model_file(folder: Path, backend: Backend, variant: str | None, verify: bool
     an artifact's files are checked against its manifest first (unless verify is False)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ModelError(f"{folder} not found; give an artifact folder (kdship export) or a model folder")
+        raise ModelError(f"{not_a_folder(folder)}; give an artifact folder (kdship export) or a model folder")
     if not backend.variants:
         if not any(folder.glob("*.safetensors")) and not (folder / "pytorch_model.bin").exists():
             raise ModelError(f"backend {backend.name!r} needs a PyTorch model folder (with model.safetensors); "

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +25,8 @@ from kdship.models import under_weights_policy
 from kdship.config import ServeConfig
 from kdship.serve.batcher import DynamicBatcher
 from kdship.serve.model import ServedModel
-from kdship.serve.protocols import PROTOCOL_PATHS, HttpError, ModelFailed, add_protocol_routes, check_text_limits
+from kdship.serve.protocols import (PROTOCOL_PATHS, HttpError, ModelFailed, add_protocol_routes, check_text_limits,
+                                    parse_json)
 
 
 class ClassifyRequest(BaseModel):
@@ -60,35 +60,10 @@ async def _read_bounded(request: Request, limit: int) -> bytes:
     return body
 
 
-MAX_JSON_DEPTH = 32  # a request is {"texts": [...]}: depth 2; deeper nesting is refused before it is parsed
-
-
-def json_depth(body: bytes) -> int:
-    """The deepest nesting of arrays and objects in a JSON text (brackets inside strings do not count)."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for byte in body:
-        if in_string:
-            escaped, in_string = (False, True) if escaped else (byte == 0x5C, byte != 0x22)
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):
-            depth += 1
-            deepest = max(deepest, depth)
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
-    return deepest
-
-
 def parse_classify(body: bytes, content_type: str, cfg: ServeConfig) -> list[str]:
     if content_type.split(";")[0].strip().lower() != "application/json":
         raise HttpError(415, f"content type must be application/json, got {content_type or 'none'!r}")
-    if json_depth(body) > MAX_JSON_DEPTH:
-        raise HttpError(400, f"JSON nested more than {MAX_JSON_DEPTH} levels deep; send {{\"texts\": [\"...\"]}}")
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HttpError(400, f"malformed JSON: {e}") from None
+    payload = parse_json(body)
     try:
         texts = ClassifyRequest.model_validate(payload).texts
     except ValidationError as e:
@@ -235,5 +210,6 @@ def serve(cfg: ServeConfig) -> None:
     model = load_served_model(cfg.artifact, cfg.backend, cfg.variant, cfg.threads, cfg.verify)
     port = _check_port_free(cfg.host, cfg.port)
     app = create_app(model, cfg)
-    print(f"serving {model.name} ({model.file.name}, {cfg.backend}) on http://{cfg.host}:{port}", flush=True)
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host  # an IPv6 address in a URL goes in brackets
+    print(f"serving {model.name} ({model.file.name}, {cfg.backend}) on http://{host}:{port}", flush=True)
     uvicorn.run(app, host=cfg.host, port=port, log_level="warning", timeout_graceful_shutdown=10)

@@ -5,7 +5,9 @@
   (FP32 [N, labels]). JSON tensors and the binary tensor extension (what `tritonclient.http` sends by default) both.
 - Text Embeddings Inference's classifier route, `POST /predict {"inputs": "..." | ["...", ...]}`.
 - `GET /v1/models`, the OpenAI-style model list that gateways probe.
-Errors keep kdship's one JSON shape; KServe clients read its `error` field."""
+Every route parses and limits its body the same way (depth, size, number of texts, characters, valid Unicode).
+Errors come in each protocol's own shape, since their clients parse it: kdship's routes {"error": {"code",
+"message"}}, KServe v2 {"error": "message"}, TEI {"error", "error_type"}."""
 
 from __future__ import annotations
 
@@ -59,11 +61,39 @@ def split_binary_body(body: bytes, header_length: str | None) -> tuple[dict[str,
     return _json(body[:int(header_length)]), body[int(header_length):]
 
 
-def _json(raw: bytes) -> dict[str, Any]:
+MAX_JSON_DEPTH = 32  # requests are 2-3 levels deep; deeper nesting is refused before it is parsed
+
+
+def json_depth(body: bytes) -> int:
+    """The deepest nesting of arrays and objects in a JSON text (brackets inside strings do not count)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (byte == 0x5C, byte != 0x22)
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def parse_json(body: bytes) -> Any:
+    """A request body as JSON, the same on every route: too deep (the parser would recurse until it fails) or
+    malformed (including numbers too long to convert) is a 400."""
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise HttpError(400, f"JSON nested more than {MAX_JSON_DEPTH} levels deep; requests are 2-3 levels deep")
     try:
-        payload = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HttpError(400, f"malformed JSON: {e}") from None
+        return json.loads(body)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, an over-long integer
+        raise HttpError(400, f"malformed JSON: {str(e).splitlines()[0][:200]}") from None
+
+
+def _json(raw: bytes) -> dict[str, Any]:
+    payload = parse_json(raw)
     if not isinstance(payload, dict):
         raise HttpError(400, "the request must be a JSON object with an 'inputs' list")
     return payload
@@ -128,6 +158,11 @@ def check_text_limits(texts: list[str], cfg: ServeConfig, where: str) -> None:
     max_text_chars characters."""
     if not texts:
         raise HttpError(400, f"{where} is empty; send at least one text")
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer reads
+            raise HttpError(400, f"{where}.{i} is not valid Unicode (a lone surrogate); send UTF-8 text") from None
     if len(texts) > cfg.max_texts:
         raise HttpError(413, f"{len(texts)} texts in one request; the limit is {cfg.max_texts}")
     too_long = next((i for i, t in enumerate(texts) if len(t) > cfg.max_text_chars), None)
