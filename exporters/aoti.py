@@ -36,6 +36,17 @@ def _compiler_missing() -> str | None:
     return "AOTInductor compiles C++ and no C++ compiler was found; install g++ (e.g. apt-get install g++)"
 
 
+def _outputs(model: torch.nn.Module) -> dict[str, dict]:
+    from kdship.early_exit import early_exit_settings
+
+    labels = model.config.num_labels
+    outputs = {"logits": {"dtype": "float32", "shape": ["batch", labels]}}
+    exits = early_exit_settings(model.config)
+    if exits:
+        outputs["exit_logits"] = {"dtype": "float32", "shape": ["batch", len(exits["layers"]), labels]}
+    return outputs
+
+
 @register_exporter("aoti", "model.pt2", "fp32", Tolerance(max_abs=1e-4, min_agreement=1.0), load=aoti_runner,
                    available=_compiler_missing)
 def export_aoti(ctx: ExportContext) -> Path:
@@ -50,6 +61,5 @@ def export_aoti(ctx: ExportContext) -> Path:
         ctx.model.to("cpu")
     ctx.details["aoti"] = {"device": device, "torch": torch.__version__,
                            "io": {"inputs": {n: {"dtype": "int64", "shape": ["batch", "sequence"]} for n in names},
-                                  "outputs": {"logits": {"dtype": "float32",
-                                                         "shape": ["batch", ctx.model.config.num_labels]}}}}
+                                  "outputs": _outputs(ctx.model)}}
     return path

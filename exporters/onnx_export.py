@@ -16,16 +16,26 @@ from kdship.errors import CheckFailed
 from kdship.exporters import ExportContext, Tolerance, register_exporter
 
 class LogitsOnly(torch.nn.Module):
-    """The classifier with named tensor inputs and one output, `logits`."""
+    """The classifier with named tensor inputs and its logits as output (`logits`), and, for a model with early
+    exits, every exit's logits too (`exit_logits`, [batch, exits, labels], shallowest exit first)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        exits = getattr(out, "exit_logits", None)
+        return out.logits if exits is None else (out.logits, torch.stack(exits, 1))
+
+
+def output_names_for(model: torch.nn.Module) -> list[str]:
+    """logits, and exit_logits for a model with early exits (kdship.early_exit)."""
+    from kdship.early_exit import early_exit_settings
+
+    return ["logits", "exit_logits"] if early_exit_settings(model.config) else ["logits"]
 
 
 def input_names_for(tokenizer, config) -> list[str]:
@@ -104,9 +114,11 @@ def export_for_fusion(ctx: ExportContext, path: Path) -> None:
     model.set_attn_implementation("eager")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes are not the user's business
+        outputs = output_names_for(model)
         torch.onnx.export(LogitsOnly(model), _example(ctx, names), str(path), dynamo=False,
-                          opset_version=fusion_opset(ctx.config.opset), input_names=names, output_names=["logits"],
-                          dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names} | {"logits": {0: "batch"}})
+                          opset_version=fusion_opset(ctx.config.opset), input_names=names, output_names=outputs,
+                          dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names} | {o: {0: "batch"}
+                                                                                           for o in outputs})
     check_dynamic_axes(path)
 
 
@@ -125,7 +137,7 @@ def export_onnx(ctx: ExportContext) -> Path:
     program, names = exported_program(ctx)
     path = ctx.out_dir / "model.onnx"
     onnx_program = torch.onnx.export(program, dynamo=True, opset_version=ctx.config.opset, input_names=names,
-                                     output_names=["logits"], verbose=False)
+                                     output_names=output_names_for(ctx.model), verbose=False)
     onnx_program.save(str(path))
     _name_dynamic_axes(path)
     ctx.details["onnx"] = {"inputs": check_dynamic_axes(path), "opset": ctx.config.opset}

@@ -68,6 +68,35 @@ def torch_logits(model: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.float().numpy()
 
 
+@torch.no_grad()
+def torch_exit_logits(model: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """Every exit's logits, [batch, exits, labels], of a model with early exits."""
+    out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    return torch.stack(out.exit_logits, 1).float().numpy()
+
+
+def check_exits(exporter: Exporter, path: Path, cases: dict[str, dict[str, np.ndarray]],
+                reference: dict[str, np.ndarray]) -> dict[str, Any] | None:
+    """The exported `exit_logits` output against PyTorch's, for an ONNX file that has one (None otherwise): the
+    exits ship with the model, so a server that reads them gets what was trained."""
+    import onnxruntime as ort
+
+    if path.suffix != ".onnx":
+        return None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if "exit_logits" not in {o.name for o in session.get_outputs()}:
+        return None
+    diffs, agree = [], []
+    for name, feeds in cases.items():
+        got = session.run(["exit_logits"], feeds)[0]
+        diffs.append(float(np.abs(got - reference[name]).max()))
+        agree.append(float((got.argmax(-1) == reference[name].argmax(-1)).mean()))
+    result = {"max_abs": max(diffs), "agreement": min(agree)}
+    bound = exporter.tolerance.max_abs
+    result["passed"] = (result["max_abs"] <= bound) if bound is not None else result["agreement"] >= 0.9
+    return result
+
+
 def batched(tokenizer: Any, texts: list[tuple[str, ...]], names: list[str], max_length: int,
             size: int = 64) -> list[dict[str, np.ndarray]]:
     return [_feeds(tokenizer, texts[i:i + size], names, max_length) for i in range(0, len(texts), size)]

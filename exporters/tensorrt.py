@@ -172,9 +172,13 @@ def tensorrt_runner(path: Path) -> Runner:
                 if not context.set_input_shape(name, tuple(tensor.shape)):
                     raise ConfigError(f"TensorRT refused input {name} of shape {tuple(tensor.shape)}")
                 context.set_tensor_address(name, inputs[name].data_ptr())
-            logits = torch.empty((shape[0], *tuple(context.get_tensor_shape("logits"))[1:]), dtype=torch.float32,
-                                 device="cuda")
-            context.set_tensor_address("logits", logits.data_ptr())
+            outputs = {}  # every output needs a buffer (exit_logits too, for a model with early exits)
+            for name in (engine.get_tensor_name(i) for i in range(engine.num_io_tensors)):
+                if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
+                    outputs[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=torch.float32,
+                                                device="cuda")
+                    context.set_tensor_address(name, outputs[name].data_ptr())
+            logits = outputs["logits"]
             if not context.execute_async_v3(stream.cuda_stream):
                 raise ConfigError("TensorRT failed to run the engine (see its log above)")
         stream.synchronize()

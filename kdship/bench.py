@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from kdship.artifacts import (atomic_write_json, atomic_write_text, library_versions, read_record, recorded_source,
                               staged_dir)
@@ -23,6 +24,7 @@ from kdship.manifest import read_manifest
 from kdship.config import BenchConfig, to_record
 from kdship.errors import ConfigError, DataError, ModelError, not_a_folder
 from kdship.measure import instability, interleaved, ratio_interval
+from kdship.early_exit import ExitRunner, exit_distribution
 from kdship.models import under_weights_policy
 
 
@@ -162,22 +164,82 @@ def bench_backend(backend_name: str, models: list[tuple[Path, Path]], inputs: di
     """One backend: every model loaded, then each point measured with all of them side by side."""
     backend = get_backend(backend_name)
     _reset_gpu_peak()
-    runners, loaded_mb = {}, {}
+    runners, loaded_mb, measured = {}, {}, []  # measured: (row name, folder, file, exit threshold)
     for folder, path in models:
         before = rss_mb()
         runners[folder.name] = backend.load(path, cfg.threads)
+        measured.append((folder.name, folder, path, None))
+        for threshold in _exit_thresholds(folder, cfg):  # the same model, stopping rows at their first sure exit
+            name = f"{folder.name}@exit{threshold:g}"
+            runners[name] = ExitRunner(ExitRunner.load_model(path, cfg.threads), threshold, cfg.exit_criterion)
+            measured.append((name, folder, path, threshold))
         loaded_mb[folder.name] = rss_mb() - before
     rows = []
     for seq in cfg.seq:
         for batch in cfg.batch:
-            feeds = {folder.name: inputs[folder].feeds(batch, seq) for folder, _ in models}
+            feeds = {name: inputs[folder].feeds(batch, seq) for name, folder, _, _ in measured}
             figures = measure_point(runners, feeds, cfg, baseline)
-            for folder, path in models:
-                rows.append({"model": folder.name, "path": str(folder.resolve()), "backend": backend_name, "file": path.name,
+            for name, folder, path, threshold in measured:
+                exits = {} if threshold is None else {"exit_threshold": threshold, "exit_criterion": cfg.exit_criterion,
+                                                      "exit_distribution": exit_distribution(
+                                                          torch.from_numpy(runners[name].last_exits),
+                                                          runners[name].model.config.num_hidden_layers)}
+                rows.append({"model": name, "path": str(folder.resolve()), "backend": backend_name, "file": path.name,
                              "batch": batch, "seq": seq, "inputs": "real" if inputs[folder].real is not None else
-                             "random", **figures[folder.name], "rss_mb": rss_mb(),
+                             "random", **figures[name], **exits, "rss_mb": rss_mb(),
                              "rss_model_mb": loaded_mb[folder.name], "gpu_allocated_mb": _gpu_allocated_mb()})
     return rows
+
+
+def _exit_thresholds(folder: Path, cfg: BenchConfig) -> list[float]:
+    """The thresholds to measure this model at: cfg's, when the model has early exits."""
+    from kdship.early_exit import early_exit_settings
+    from kdship.models import load_config
+
+    if not cfg.exit_thresholds or not early_exit_settings(load_config(str(folder), "model")):
+        return []
+    return cfg.exit_thresholds
+
+
+def exit_curves(folders: list[Path], cfg: BenchConfig) -> dict[str, Any]:
+    """Per model with early exits: accuracy, mean exit layer and exit distribution at each threshold, on the
+    labelled eval data its record names (accuracy does not depend on the batch: each row's exit is its own)."""
+    curves = {}
+    for folder in folders:
+        if not _exit_thresholds(folder, cfg):
+            continue
+        source = recorded_source(read_record(folder) or {}, "eval", folder)
+        if not source or not Path(source).exists():
+            curves[folder.name] = {"not_measured": "the model's record names no eval data that can be read"}
+            continue
+        curves[folder.name] = _exit_curve_on(folder, source, cfg)
+    return curves
+
+
+def _exit_curve_on(folder: Path, source: str, cfg: BenchConfig) -> dict[str, Any]:
+    from kdship.data import encode_labels, iterate_batches, load_table, model_inputs as batch_inputs, tokenize
+    from kdship.early_exit import exit_curve
+    from kdship.models import load_tokenizer, max_tokens
+
+    record = read_record(folder) or {}
+    columns = record.get("config", {}).get("data", {}).get("text_columns")
+    model = ExitRunner.load_model(folder, cfg.threads)
+    try:
+        table = load_table(source, columns, record.get("config", {}).get("data", {}).get("label_column", "label"),
+                           512)
+    except DataError:
+        return {"not_measured": f"{source} has no labels"}
+    tokenizer = load_tokenizer(str(folder), "model")
+    encoded = tokenize(tokenizer, table, max_tokens(max(cfg.seq), model.config), None)
+    labels = torch.tensor(encode_labels(table.raw_labels, [str(model.config.id2label[i]) for i in
+                                                           range(model.config.num_labels)], table.source))
+    device = next(model.parameters()).device
+    batches, order = [], []
+    for indices, batch in iterate_batches(tokenizer, encoded, 64):
+        batches.append({k: v.to(device) for k, v in batch_inputs(batch).items()})
+        order += indices
+    return {"data": source, "n": len(order), **exit_curve(model, batches, labels[torch.tensor(order)],
+                                                         cfg.exit_thresholds, cfg.exit_criterion)}
 
 
 def _reset_gpu_peak() -> None:
@@ -204,7 +266,7 @@ def model_facts(folder: Path) -> dict[str, Any]:
 
 def _csv(rows: list[dict[str, Any]]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))  # exit rows add some
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
@@ -248,6 +310,9 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
         check_output_dir(Path(cfg.output), cfg.overwrite)
     plan = {backend: [(folder, resolve(folder, backend, cfg.seq, cfg.verify)) for folder in folders]
             for backend in cfg.backends}  # every (model, backend) checked before anything is measured
+    if cfg.exit_thresholds is not None and not any(_exit_thresholds(f, cfg) for f in folders):
+        raise ConfigError("--exit-threshold: none of the models has early exits; bench a model made with --exits "
+                          "(its folder, with --backend torch)")
     inputs = {folder: model_inputs(folder, cfg) for folder in folders}
     load_before = os.getloadavg()
     with pinned(cfg.cpus) as affinity:
@@ -258,6 +323,9 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
               "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
               "versions": library_versions(), "config": to_record(cfg), "baseline": folders[0].name,
               "models": [model_facts(f) for f in folders], "results": rows}
+    curves = exit_curves(folders, cfg)
+    if curves:
+        result["early_exit"] = curves
     if cfg.output:
         with staged_dir(Path(cfg.output), cfg.overwrite) as out:
             atomic_write_json(out / "bench.json", result)
@@ -288,5 +356,22 @@ def print_bench(result: dict[str, Any]) -> None:
     if unstable:
         out.print(f"unstable ({len(unstable)} rows): {unstable[0]['unstable_reasons'][0]}, ...; the machine was busy "
                   "or the point too short: rerun with a longer --max-seconds, or on a quieter machine")
+    for name, curve in result.get("early_exit", {}).items():
+        out.print(_exit_table(name, curve))
     if result.get("output"):
         out.print(f"wrote {result['output']}/bench.json and bench.csv")
+
+
+def _exit_table(name: str, curve: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    if "not_measured" in curve:
+        return f"{name}: exit accuracy not measured ({curve['not_measured']})"
+    table = Table(title=f"{name}: early exit on {curve['n']} eval rows ({curve['criterion']}; all layers: "
+                        f"{curve['final_accuracy']:.4f})")
+    for col in ("threshold", "accuracy", "mean exit layer", "layers saved", "stops per layer"):
+        table.add_column(col, justify="right")
+    for point in curve["curve"]:
+        table.add_row(f"{point['threshold']:g}", f"{point['accuracy']:.4f}", f"{point['mean_exit_layer']:.2f}",
+                      f"{point['layers_saved']:.0%}", " ".join(f"{k}:{v:.0%}" for k, v in point["exit_distribution"].items()))
+    return table

@@ -174,6 +174,31 @@ Verify = Annotated[Optional[bool], typer.Option("--verify/--no-verify", help="ch
                                                                             "sha256 in its manifest (default: on)")]
 Sharding = Annotated[Optional[str], typer.Option("--sharding", help="with several processes: ddp (a copy of the "
                                                                     "trained model per device) | fsdp (sharded)")]
+ExitThresholds = Annotated[Optional[str], typer.Option("--exit-threshold", help="models with early exits: stop a "
+                                                       "row at the first exit this sure, e.g. 0.9 (several: "
+                                                       "0.8,0.9,0.95)")]
+ExitCriterion = Annotated[Optional[str], typer.Option("--exit-criterion", help="confidence (top probability >= "
+                                                      "threshold) | entropy (normalised entropy <= threshold)")]
+# techniques shared by train and distill (each flag is the CLI spelling of a field of the recipe's section)
+EmaDecay = Annotated[Optional[float], typer.Option("--ema-decay", help="mean teacher: an EMA of the model's weights "
+                                                   "teaches it (e.g. 0.999)")]
+EmaWeight = Annotated[Optional[float], typer.Option("--ema-weight", help="weight of the mean teacher's KD term")]
+VirtualTeacher = Annotated[Optional[float], typer.Option("--virtual-teacher", help="Tf-KD virtual teacher: its "
+                                                         "probability of the label (e.g. 0.9)")]
+VirtualTemperature = Annotated[Optional[float], typer.Option("--virtual-temperature")]
+VirtualAlpha = Annotated[Optional[float], typer.Option("--virtual-alpha", help="its share of the loss")]
+Exits = Annotated[Optional[str], typer.Option("--exits", help="early exits after these layers, e.g. 1,2,3, or all "
+                                              "(every layer below the last)")]
+ExitWeight = Annotated[Optional[float], typer.Option("--exit-weight", help="weight of the exits' loss")]
+Curriculum = Annotated[Optional[str], typer.Option("--curriculum", help="easy to hard by the scorer's confidence | "
+                                                   "loss")]
+CurriculumBy = Annotated[Optional[str], typer.Option("--curriculum-by", help="teacher | a trained classifier's "
+                                                     "folder")]
+CurriculumMode = Annotated[Optional[str], typer.Option("--curriculum-mode", help="order | weighted")]
+Pacing = Annotated[Optional[str], typer.Option("--pacing", help="linear | root | step")]
+CurriculumStart = Annotated[Optional[float], typer.Option("--curriculum-start", help="easiest fraction at step 0")]
+CurriculumFullAt = Annotated[Optional[float], typer.Option("--curriculum-full-at", help="fraction of the run from "
+                                                           "which all data is available")]
 
 
 def _data(train: str | None = None, eval: str | None = None, text_columns: list[str] | None = None,
@@ -191,6 +216,21 @@ def _names(values: list[str] | None) -> list[str] | None:
 def _selection(by: str | None, ratio: float | None, mode: str | None, refresh: int | None) -> dict[str, Any]:
     """The --select-* flags: the CLI spelling of the recipe's `selection:` section."""
     return {"by": by, "ratio": ratio, "mode": mode, "refresh": refresh}
+
+
+def _self_teaching(ema_decay: float | None, ema_weight: float | None, virtual_teacher: float | None,
+                   virtual_temperature: float | None, virtual_alpha: float | None, exits: str | None,
+                   exit_weight: float | None, curriculum: str | None, curriculum_by: str | None,
+                   curriculum_mode: str | None, pacing: str | None, curriculum_start: float | None,
+                   curriculum_full_at: float | None) -> dict[str, Any]:
+    """The technique flags train and distill share, as their recipe sections (unset flags drop out)."""
+    layers = None if exits is None else [] if exits.strip() == "all" else _ints(exits, "--exits")
+    return {"ema": {"decay": ema_decay, "weight": ema_weight},
+            "virtual_teacher": {"correct_prob": virtual_teacher, "temperature": virtual_temperature,
+                                "alpha": virtual_alpha},
+            "early_exit": {"layers": layers, "weight": exit_weight},
+            "curriculum": {"difficulty": curriculum, "by": curriculum_by, "mode": curriculum_mode, "pacing": pacing,
+                           "start": curriculum_start, "full_at": curriculum_full_at}}
 
 
 def _echo(line: str) -> None:
@@ -223,6 +263,11 @@ def train(
                                                             "matching through projections (default 0: logits only)")] = None,
     select_by: SelectBy = None, select_ratio: SelectRatio = None, select_mode: SelectMode = None,
     select_refresh: SelectRefresh = None, match_loss: MatchLoss = None,
+    ema_decay: EmaDecay = None, ema_weight: EmaWeight = None, virtual_teacher: VirtualTeacher = None,
+    virtual_temperature: VirtualTemperature = None, virtual_alpha: VirtualAlpha = None, exits: Exits = None,
+    exit_weight: ExitWeight = None, curriculum: Curriculum = None, curriculum_by: CurriculumBy = None,
+    curriculum_mode: CurriculumMode = None, pacing: Pacing = None, curriculum_start: CurriculumStart = None,
+    curriculum_full_at: CurriculumFullAt = None,
     data: Data = None, eval_data: EvalData = None, text_column: TextColumn = None, label_column: LabelColumn = None,
     max_length: MaxLength = None, max_train_samples: MaxTrain = None, max_eval_samples: MaxEval = None,
     objective: Objective = None, epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None,
@@ -233,7 +278,8 @@ def train(
     allow_pickle_weights: AllowPickle = None,
 ) -> None:
     """Fine-tune (or --objective mlm pretrain) one model: how teachers are made; with reverse distillation from a
-    small model, or sample-value selection by one."""
+    small model, sample-value selection by one, teacher-free self-distillation (mean teacher, virtual teacher,
+    early exits) or a curriculum."""
     from kdship.config import TrainConfig, build_config
     from kdship.train import train as run
 
@@ -242,6 +288,8 @@ def train(
         reverse={"from": reverse_from, "steps": reverse_steps, "schedule": reverse_schedule,
                  "temperature": reverse_temperature, "hidden_weight": reverse_hidden}, match_loss=match_loss,
         selection=_selection(select_by, select_ratio, select_mode, select_refresh), sharding=sharding,
+        **_self_teaching(ema_decay, ema_weight, virtual_teacher, virtual_temperature, virtual_alpha, exits, exit_weight,
+                         curriculum, curriculum_by, curriculum_mode, pacing, curriculum_start, curriculum_full_at),
         data=_data(data, eval_data, text_column, label_column, max_length, max_train_samples, max_eval_samples),
         objective=objective, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
         lr=lr, eval_every=eval_every, save_every=save_every,
@@ -283,6 +331,14 @@ def _split_students(value: str | None) -> list[str] | None:
 @command(config="DistillConfig")
 def distill(
     teacher: Annotated[Optional[str], typer.Option("--teacher", help="teacher folder or hub id")] = None,
+    teachers: Annotated[Optional[str], typer.Option("--teachers", help="several teachers, comma-separated (same "
+                                                    "labels and tokenizer)")] = None,
+    teacher_weighting: Annotated[Optional[str], typer.Option("--teacher-weighting", help="mean | weights | "
+                                                             "confidence (several teachers)")] = None,
+    teacher_weights: Annotated[Optional[str], typer.Option("--teacher-weights", help="e.g. 0.7,0.3 (with "
+                                                           "--teacher-weighting weights)")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="teacher-free runs: the spec students' "
+                                                     "tokenizer")] = None,
     student: Annotated[Optional[str], typer.Option("--student", help="folder, hub id or shape spec")] = None,
     students: Annotated[Optional[str], typer.Option("--students", help="several in one pass: 4L312,6L768 (layers L "
                                                     "width), specs or folders, comma-separated")] = None,
@@ -293,8 +349,23 @@ def distill(
     temperature: Annotated[Optional[float], typer.Option("--temperature")] = None,
     layer_map: Annotated[Optional[str], typer.Option("--layer-map", help="e.g. 0,2,4 (teacher hidden index per "
                                                                          "student hidden state)")] = None,
+    train_layers: Annotated[Optional[str], typer.Option("--train-layers", help="train only these student layers, "
+                                                        "e.g. 1,2 (0: embeddings); the rest frozen")] = None,
+    generations: Annotated[Optional[int], typer.Option("--generations", help="born-again: N generations, each "
+                                                       "taught by the one before")] = None,
+    peers: Annotated[Optional[str], typer.Option("--peers", help="online distillation between --students: mutual "
+                                                 "| ensemble")] = None,
+    peers_weight: Annotated[Optional[float], typer.Option("--peers-weight")] = None,
+    cross_task: Annotated[Optional[bool], typer.Option("--cross-task", help="the teacher has other labels: the "
+                                                       "student takes the data's, KD goes through a learned map")] = None,
+    cross_task_map_steps: Annotated[Optional[int], typer.Option("--cross-task-map-steps")] = None,
     select_by: SelectBy = None, select_ratio: SelectRatio = None, select_mode: SelectMode = None,
     select_refresh: SelectRefresh = None, match_loss: MatchLoss = None,
+    ema_decay: EmaDecay = None, ema_weight: EmaWeight = None, virtual_teacher: VirtualTeacher = None,
+    virtual_temperature: VirtualTemperature = None, virtual_alpha: VirtualAlpha = None, exits: Exits = None,
+    exit_weight: ExitWeight = None, curriculum: Curriculum = None, curriculum_by: CurriculumBy = None,
+    curriculum_mode: CurriculumMode = None, pacing: Pacing = None, curriculum_start: CurriculumStart = None,
+    curriculum_full_at: CurriculumFullAt = None,
     data: Data = None, eval_data: EvalData = None, text_column: TextColumn = None, label_column: LabelColumn = None,
     max_length: MaxLength = None, max_train_samples: MaxTrain = None, max_eval_samples: MaxEval = None,
     objective: Objective = None, epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None,
@@ -306,12 +377,21 @@ def distill(
     keep_going: Annotated[Optional[bool], typer.Option("--keep-going", help="pipelines: run the next stages even "
                                                        "after a stage whose student collapsed")] = None,
 ) -> None:
-    """Distill students from a teacher: soft/hard labels, hidden-state and attention matching, MLM or feature
-    objectives, several students in one pass, progressive pipelines (a recipe with stages:)."""
+    """Distill students from a teacher (or several, or none): soft/hard labels, hidden-state and attention
+    matching, MLM or feature objectives, several students in one pass, online, self- and born-again distillation,
+    curricula, progressive pipelines (a recipe with stages:)."""
     from kdship.pipeline import distill_recipe
 
+    weights = _numbers(teacher_weights, "--teacher-weights")
     result = distill_recipe(
-        recipe, teacher=teacher, student=student, losses=_losses(loss), temperature=temperature,
+        recipe, teacher=teacher, teachers=_names([teachers]) if teachers else None,
+        teacher_weighting=teacher_weighting, teacher_weights=weights, tokenizer=tokenizer,
+        train_layers=_ints(train_layers, "--train-layers"), generations=generations,
+        peers={"mode": peers, "weight": peers_weight},
+        cross_task={"labels": "data" if cross_task else None, "map_steps": cross_task_map_steps},
+        **_self_teaching(ema_decay, ema_weight, virtual_teacher, virtual_temperature, virtual_alpha, exits, exit_weight,
+                         curriculum, curriculum_by, curriculum_mode, pacing, curriculum_start, curriculum_full_at),
+        student=student, losses=_losses(loss), temperature=temperature,
         students=_split_students(students), teacher_cache=teacher_cache, teacher_sharding=teacher_sharding,
         layer_map=layer_map.split(",") if layer_map else None, match_loss=match_loss,
         selection=_selection(select_by, select_ratio, select_mode, select_refresh), sharding=sharding,
@@ -327,6 +407,34 @@ def distill(
         _print_run(result)
 
 
+@command(config="AugmentConfig")
+def augment(
+    model: Annotated[Optional[str], typer.Option("--model", help="masked-LM that proposes words")] = None,
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help="classifier that labels the sentences")] = None,
+    data: Data = None, text_column: TextColumn = None, label_column: LabelColumn = None,
+    max_length: MaxLength = None, max_train_samples: MaxTrain = None,
+    copies: Annotated[Optional[int], typer.Option("--copies", help="augmented copies per sentence")] = None,
+    replace_prob: Annotated[Optional[float], typer.Option("--replace-prob", help="chance to replace each word")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="candidates per word")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="mlm | embedding")] = None,
+    keep_original: Annotated[Optional[bool], typer.Option("--keep-original/--no-original")] = None,
+    seed: Seed = None, device: Device = None, output: Output = None, overwrite: Overwrite = None,
+    allow_pickle_weights: AllowPickle = None, recipe: Recipe = None,
+) -> None:
+    """A larger transfer set (TinyBERT's data augmentation): words replaced by a masked-LM's predictions or
+    embedding neighbours, every sentence labelled by the teacher; settings recorded beside the file."""
+    from kdship.augment import augment as run
+    from kdship.config import AugmentConfig, build_config
+
+    result = run(build_config(
+        AugmentConfig, recipe, model=model, teacher=teacher, copies=copies, replace_prob=replace_prob, top_k=top_k,
+        method=method, keep_original=keep_original, seed=seed, device=device, output=output, overwrite=overwrite,
+        allow_pickle_weights=allow_pickle_weights,
+        data=_data(data, None, text_column, label_column, max_length, max_train_samples, None)))
+    typer.echo(f"wrote {result['output']}: {result['rows']} rows ({result['augmented_rows']} augmented), labels "
+               f"{result['label_counts']}")
+
+
 @command(name="eval", config="EvalConfig")
 def evaluate(
     model: Annotated[Optional[str], typer.Argument(help="the model to evaluate (a student folder), named as "
@@ -338,9 +446,11 @@ def evaluate(
     max_eval_samples: MaxEval = None,
     batch_size: BatchSize = None, device: Device = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="JSON path (default STUDENT/eval.json)")] = None,
+    exit_thresholds: ExitThresholds = None, exit_criterion: ExitCriterion = None,
     allow_pickle_weights: AllowPickle = None, recipe: Recipe = None,
 ) -> None:
-    """Evaluate student and teacher on the same split: accuracy, macro-F1, retention, agreement, ECE."""
+    """Evaluate student and teacher on the same split: accuracy, macro-F1, retention, agreement, ECE; for a
+    student with early exits, each exit's accuracy and the accuracy at each exit threshold."""
     from kdship.config import EvalConfig, build_config
     from kdship.errors import ConfigError
     from kdship.evaluate import evaluate as run
@@ -352,7 +462,8 @@ def evaluate(
         raise ConfigError("no model to evaluate; kdship eval STUDENT --teacher TEACHER --data DEV")
     cfg = build_config(EvalConfig, recipe, student=model or student, teacher=teacher, batch_size=batch_size, device=device,
                        output=output, data=_data(None, data, text_column, label_column, max_length, None,
-                                                 max_eval_samples), allow_pickle_weights=allow_pickle_weights)
+                                                 max_eval_samples), allow_pickle_weights=allow_pickle_weights,
+                       exit_thresholds=_numbers(exit_thresholds, "--exit-threshold"), exit_criterion=exit_criterion)
     print_eval(run(cfg))
 
 
@@ -402,6 +513,10 @@ def serve(
     max_wait_ms: Annotated[Optional[float], typer.Option("--max-wait-ms")] = None,
     max_texts: Annotated[Optional[int], typer.Option("--max-texts", help="most texts per request")] = None,
     max_text_chars: Annotated[Optional[int], typer.Option("--max-text-chars")] = None,
+    exit_threshold: Annotated[Optional[float], typer.Option("--exit-threshold", help="a model with early exits, "
+                                                            "backend torch: stop each text at its first exit this "
+                                                            "sure (the answer says which layer)")] = None,
+    exit_criterion: ExitCriterion = None,
     verify: Verify = None, allow_pickle_weights: AllowPickle = None, recipe: Recipe = None,
 ) -> None:
     """Serve an artifact over HTTP: /v1/classify, /health, /metrics, /v1/model."""
@@ -410,8 +525,8 @@ def serve(
 
     run(build_config(ServeConfig, recipe, artifact=artifact, host=host, port=port, backend=backend, variant=variant,
                      threads=threads, batching=batching, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                     max_texts=max_texts, max_text_chars=max_text_chars, verify=verify,
-                     allow_pickle_weights=allow_pickle_weights))
+                     max_texts=max_texts, max_text_chars=max_text_chars, exit_threshold=exit_threshold,
+                     exit_criterion=exit_criterion, verify=verify, allow_pickle_weights=allow_pickle_weights))
 
 
 def _batch_by_seq(value: str | None, flag: str) -> tuple[int | None, int | None]:
@@ -426,13 +541,25 @@ def _batch_by_seq(value: str | None, flag: str) -> tuple[int | None, int | None]
     return int(parts[0]), int(parts[1])
 
 
-def _ints(value: str | None) -> list[int] | None:
+def _ints(value: str | None, flag: str = "") -> list[int] | None:
     from kdship.errors import ConfigError
 
     try:
         return [int(v) for v in value.split(",") if v.strip()] if value else None
     except ValueError:
-        raise ConfigError(f"{value!r} is not a comma-separated list of integers, e.g. 1,8,64") from None
+        where = f"{flag} " if flag else ""
+        raise ConfigError(f"{where}{value!r} is not a comma-separated list of integers, e.g. 1,8,64") from None
+
+
+def _numbers(value: str | None, flag: str) -> list[float] | None:
+    from kdship.errors import ConfigError
+
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {value!r}: give numbers separated by commas, e.g. 0.7,0.3") from None
 
 
 @command(config="BenchConfig")
@@ -449,11 +576,13 @@ def bench(
     min_rounds: Annotated[Optional[int], typer.Option("--min-rounds", help="interleaved rounds at least")] = None,
     max_seconds: Annotated[Optional[float], typer.Option("--max-seconds", help="time bound per point")] = None,
     inputs: Annotated[Optional[str], typer.Option("--inputs", help="auto (real when known) | real | random")] = None,
+    exit_thresholds: ExitThresholds = None, exit_criterion: ExitCriterion = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="folder for bench.json/csv")] = None,
     verify: Verify = None, allow_pickle_weights: AllowPickle = None, overwrite: Overwrite = None,
     recipe: Recipe = None,
 ) -> None:
-    """Latency and throughput, several models side by side, per backend, batch size and sequence length."""
+    """Latency and throughput, several models side by side, per backend, batch size and sequence length; models
+    with early exits also at each --exit-threshold (backend torch), with the accuracy there."""
     from kdship.bench import bench as run
     from kdship.bench import print_bench
     from kdship.config import BenchConfig, build_config
@@ -463,7 +592,9 @@ def bench(
                                  seq=_ints(seq), threads=threads, cpus=_ints(cpus), warmup_s=warmup_s,
                                  min_runs=min_runs, min_rounds=min_rounds,
                                  max_seconds=max_seconds, inputs=inputs, output=output, overwrite=overwrite,
-                                 verify=verify, allow_pickle_weights=allow_pickle_weights)))
+                                 exit_thresholds=_numbers(exit_thresholds, "--exit-threshold"),
+                                 exit_criterion=exit_criterion, verify=verify,
+                                 allow_pickle_weights=allow_pickle_weights)))
 
 
 @command(config="ReportConfig")

@@ -93,12 +93,83 @@ class ReverseConfig(Strict):
                                                         "projections, large -> small width) beside the KD term")
 
 
+class EmaConfig(Strict):
+    """Teacher-free: an exponential moving average of the trained model's weights teaches it (mean teacher)."""
+
+    decay: float = Field(0.999, gt=0, lt=1, description="ema = decay·ema + (1 - decay)·weights, once per step")
+    weight: float = Field(1.0, gt=0, description="weight of T²·KL(p_ema || p_model) beside the step's loss")
+    temperature: float = Field(1.0, gt=0)
+    start: float = Field(0.1, ge=0, lt=1, description="fraction of the run before the average teaches (an average "
+                                                      "of a model that has not learned yet teaches nothing)")
+
+
+class VirtualTeacherConfig(Strict):
+    """Teacher-free: a hand-made teacher distribution (Tf-KD's virtual teacher), at a high temperature."""
+
+    correct_prob: float = Field(0.9, gt=0, lt=1, description="the virtual teacher's probability of the label")
+    temperature: float = Field(20.0, gt=0, description="Tf-KD softens the virtual distribution strongly (20)")
+    alpha: float = Field(0.5, gt=0, le=1, description="loss = (1 - alpha)·step loss + alpha·T²·KL(virtual || model)")
+
+
+class EarlyExitConfig(Strict):
+    """Layer-wise self-distillation: exit classifiers on chosen layers, taught by the final classifier."""
+
+    layers: list[int] = Field(default_factory=list, description="student layers (1-based) with an exit; empty: "
+                                                               "every layer below the last")
+    weight: float = Field(1.0, gt=0, description="weight of the mean exit loss beside the step's loss")
+    alpha: float = Field(0.5, ge=0, le=1, description="share of the final classifier's soft predictions in each "
+                                                      "exit's loss (the rest: the labels)")
+    temperature: float = Field(2.0, gt=0)
+
+
+class CurriculumConfig(Strict):
+    """Easy to hard: examples ordered or weighted by a trained model's confidence or loss, with pacing."""
+
+    difficulty: Literal["confidence", "loss"] = Field(
+        "confidence", description="confidence: 1 - the scorer's top probability; loss: its cross-entropy on the label")
+    by: str = Field("teacher", description="the scorer: the teacher (distill), or a trained classifier's folder")
+    mode: Literal["order", "weighted"] = Field(
+        "order", description="order: batches from the easiest c(t) of the data; weighted: all data, easy ones likelier")
+    pacing: Literal["linear", "root", "step"] = "linear"
+    start: float = Field(0.25, gt=0, le=1, description="competence at step 0: the easiest fraction available")
+    full_at: float = Field(0.5, gt=0, le=1, description="fraction of the run from which all data is available")
+
+
+class PeersConfig(Strict):
+    """Online distillation between the students of one run (with or without a fixed teacher)."""
+
+    mode: Literal["mutual", "ensemble"] = Field(
+        "mutual", description="mutual: each learns the others (deep mutual learning); ensemble: their average "
+                              "teaches each")
+    weight: float = Field(1.0, gt=0, description="weight of each student's T²·KL term beside the step's loss")
+    temperature: float = Field(1.0, gt=0)
+
+
+class CrossTaskConfig(Strict):
+    """A teacher of a related task with other labels: features transfer as they are, logits through a map."""
+
+    labels: Literal["data"] = Field("data", description="the student predicts the data's labels (the teacher's "
+                                                        "differ)")
+    map_steps: int = Field(300, ge=1, le=100_000, description="Adam steps fitting the linear map from the teacher's "
+                                                              "logits to the data's labels")
+
+
 # Flat spellings of nested technique settings (recipes written before the nesting, and the CLI flags' names).
 FLAT_SPELLINGS = {"select_by": ("selection", "by"), "select_ratio": ("selection", "ratio"),
                   "select_mode": ("selection", "mode"), "select_refresh": ("selection", "refresh"),
                   "reverse_from": ("reverse", "from"), "reverse_steps": ("reverse", "steps"),
                   "reverse_schedule": ("reverse", "schedule"), "reverse_temperature": ("reverse", "temperature"),
-                  "reverse_start": ("reverse", "start"), "reverse_hidden": ("reverse", "hidden_weight")}
+                  "reverse_start": ("reverse", "start"), "reverse_hidden": ("reverse", "hidden_weight"),
+                  "ema_decay": ("ema", "decay"), "ema_weight": ("ema", "weight"),
+                  "virtual_correct_prob": ("virtual_teacher", "correct_prob"),
+                  "virtual_temperature": ("virtual_teacher", "temperature"),
+                  "virtual_alpha": ("virtual_teacher", "alpha"),
+                  "exits": ("early_exit", "layers"), "exit_weight": ("early_exit", "weight"),
+                  "curriculum_difficulty": ("curriculum", "difficulty"), "curriculum_by": ("curriculum", "by"),
+                  "curriculum_mode": ("curriculum", "mode"), "pacing": ("curriculum", "pacing"),
+                  "curriculum_start": ("curriculum", "start"), "curriculum_full_at": ("curriculum", "full_at"),
+                  "peers_mode": ("peers", "mode"), "peers_weight": ("peers", "weight"),
+                  "cross_task_map_steps": ("cross_task", "map_steps")}
 
 
 def nest_flat_spellings(values: Any) -> Any:
@@ -159,6 +230,11 @@ class RunConfig(Strict):
         "ddp", description="with several processes: ddp (a full copy of each trained model per device, gradients "
                            "averaged) or fsdp (its weights, gradients and optimizer state sharded across devices)")
     selection: SelectionConfig | None = Field(None, description="sample-value selection (technique)")
+    ema: EmaConfig | None = Field(None, description="mean teacher: an EMA of the model's weights teaches it "
+                                                    "(technique)")
+    virtual_teacher: VirtualTeacherConfig | None = Field(None, description="Tf-KD virtual teacher (technique)")
+    early_exit: EarlyExitConfig | None = Field(None, description="exit classifiers on chosen layers (technique)")
+    curriculum: CurriculumConfig | None = Field(None, description="easy-to-hard ordering of the data (technique)")
 
     @property
     def labelled(self) -> bool:
@@ -178,6 +254,12 @@ class RunConfig(Strict):
         if self.selection and self.objective == "features":
             raise ValueError("sample-value selection scores samples by their task loss, which objective features "
                              "does not have; use classify, mlm or match")
+        needs_classes = {"virtual_teacher": self.virtual_teacher, "early_exit": self.early_exit,
+                         "curriculum": self.curriculum}
+        wrong = next((name for name, on in needs_classes.items() if on and self.objective != "classify"), None)
+        if wrong:
+            raise ValueError(f"{wrong} works on a classifier's labelled data; objective {self.objective} has no "
+                             "labels to classify (use objective classify)")
         if self.selection and self.selection.refresh > 1 and self.objective == "match" and not self.labelled:
             # an in-batch loss depends on the whole batch: a score kept from another batch is not comparable
             raise ValueError("selection.refresh > 1 cannot be used with in-batch matching (a pair's loss depends "
@@ -213,6 +295,9 @@ def named_students(v: Any) -> Any:
     return dict(zip(names, (source for _, source in pairs)))
 
 
+TEACHER_FREE = ("ema", "virtual_teacher", "peers", "early_exit")  # techniques that teach without a teacher
+
+
 def _default_losses() -> list[LossSpec]:
     return [LossSpec(name="kd", weight=0.5), LossSpec(name="ce", weight=0.5)]
 
@@ -221,6 +306,14 @@ class DistillConfig(RunConfig):
     """`kdship distill`: a student (or several, sharing one teacher forward per batch) learns from a teacher."""
 
     teacher: str | None = None
+    teachers: list[str] | None = Field(None, description="several teachers (same labels and tokenizer): their "
+                                                         "predictions combined by teacher_weighting")
+    teacher_weighting: Literal["mean", "weights", "confidence"] = Field(
+        "mean", description="several teachers: mean of their softened predictions, teacher_weights, or per example "
+                            "by each teacher's confidence (its top probability)")
+    teacher_weights: list[float] | None = Field(None, description="teacher_weighting weights: one weight per teacher")
+    tokenizer: str | None = Field(None, description="without a teacher: the tokenizer of spec students (default: "
+                                                    "the first student folder's)")
     student: str | None = Field(None, description="path, hub id, or shape spec (bert:layers=4,hidden=312,...)")
     students: dict[str, str] | None = Field(
         None, description="several students trained in one pass: a list (4L312, 6L768, specs, paths) or name: source")
@@ -238,13 +331,50 @@ class DistillConfig(RunConfig):
     lr: float | None = Field(
         None, gt=0, le=1.0, description="peak learning rate; default per student by its start: 1e-4 with pretrained "
         "weights (copied from the teacher or loaded), 5e-4 randomly initialised (measured: README, issue 12)")
+    train_layers: list[int] | None = Field(
+        None, description="train only these student layers (1-based; 0: the embeddings), the rest frozen; feature "
+                          "losses read these layers only (stage-wise progressive distillation)")
+    generations: int = Field(1, ge=1, le=20, description="born-again: each generation a fresh student taught by the "
+                                                         "previous one (the first by the teacher)")
+    peers: PeersConfig | None = Field(None, description="online distillation between the students (technique)")
+    cross_task: CrossTaskConfig | None = Field(None, description="a teacher of a related task with other labels "
+                                                                 "(technique)")
 
     _named = field_validator("students", mode="before")(lambda cls, v: named_students(v))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _teacher_free_losses(cls, values: Any) -> Any:
+        """A teacher-free technique without a teacher: the default losses are the labels' alone (kd would have
+        nothing to read)."""
+        if isinstance(values, dict) and not values.get("teacher") and not values.get("teachers") \
+                and "losses" not in values and any(values.get(k) is not None for k in TEACHER_FREE):
+            return {**values, "losses": [{"name": "ce", "weight": 1.0}]}
+        return values
+
+    @property
+    def teacher_sources(self) -> list[str]:
+        return list(self.teachers or ([self.teacher] if self.teacher else []))
+
     @model_validator(mode="after")
     def _consistent(self) -> "DistillConfig":
+        from kdship.losses import LOSSES
+
         if not self.losses:
             raise ValueError("losses is empty; give at least one (kdship list losses)")
+        if self.teacher and self.teachers:
+            raise ValueError("give teacher or teachers, not both")
+        self._check_teachers()
+        if self.train_layers is not None and (not self.train_layers or min(self.train_layers) < 0):
+            raise ValueError(f"train_layers {self.train_layers}: give student layers 1..N (0: the embeddings)")
+        if self.generations > 1 and (self.teachers or self.students):
+            raise ValueError("generations (born-again) distils one student from one teacher, then from each "
+                             "generation; give teacher and student (not teachers or students)")
+        if self.peers and len(self.students or {}) < 2:
+            raise ValueError("peers trains students together: give two or more with --students A,B")
+        if self.cross_task and (self.teachers or self.objective != "classify"):
+            raise ValueError("cross_task lets one teacher of another task teach a classifier: give one teacher and "
+                             "objective classify")
         if self.student and self.students:
             raise ValueError("give student or students, not both")
         if self.students is not None and len(self.students) < 1:
@@ -253,12 +383,51 @@ class DistillConfig(RunConfig):
             raise ValueError("sample-value selection scores samples for one trained model; with several students, "
                              "distill them without selection (or one at a time)")
         if self.objective == "features":
-            from kdship.losses import LOSSES
-
             logit_losses = [s.name for s in self.losses if "logits" in LOSSES[s.name].needs]
             if logit_losses:
                 raise ValueError(f"objective features matches hidden states and attentions only; drop {logit_losses}")
         return self
+
+
+    def _check_teachers(self) -> None:
+        if not self.teachers:
+            return
+        if len(self.teachers) < 2 or len(set(self.teachers)) != len(self.teachers):
+            raise ValueError(f"teachers {self.teachers}: give two or more different teachers (one: use teacher)")
+        from kdship.losses import LOSSES
+
+        features = [s.name for s in self.losses if LOSSES[s.name].needs & {"hidden", "attentions", "qkv"}]
+        if features:
+            raise ValueError(f"{', '.join(features)} match one teacher's layers; with several teachers use kd and ce "
+                             "(or distil features from one teacher in a pipeline stage)")
+        if (self.teacher_weighting == "weights") != (self.teacher_weights is not None):
+            raise ValueError("teacher_weights go with teacher_weighting: weights (and it needs them)")
+        if self.teacher_weights is not None and (len(self.teacher_weights) != len(self.teachers)
+                                                 or min(self.teacher_weights) < 0 or sum(self.teacher_weights) <= 0):
+            raise ValueError(f"teacher_weights {self.teacher_weights}: one non-negative weight per teacher "
+                             f"({len(self.teachers)}), not all zero")
+
+
+class AugmentConfig(Strict):
+    """`kdship augment`: TinyBERT-style data augmentation, labelled by the teacher."""
+
+    model: str = Field(description="the masked-LM that proposes words (folder or hub id)")
+    teacher: str = Field(description="the classifier that labels every sentence (the teacher you will distil from)")
+    data: DataConfig = DataConfig()
+    output: str = Field(description="the .tsv to write (its settings go beside it, in <file>.kdship.json)")
+    copies: int = Field(10, ge=1, le=100, description="augmented copies tried per sentence (TinyBERT: 20)")
+    replace_prob: float = Field(0.4, gt=0, le=1, description="probability of replacing each word (TinyBERT: 0.4)")
+    top_k: int = Field(15, ge=1, le=200, description="candidates per word (TinyBERT: 15)")
+    method: Literal["mlm", "embedding"] = Field(
+        "mlm", description="mlm: masked-LM predictions for one-piece words, embedding neighbours for the rest; "
+                           "embedding: neighbours for every word")
+    keep_original: bool = Field(True, description="write the original sentences too")
+    batch_size: int = Field(128, ge=1, description="sentences per batch when the teacher labels them")
+    seed: int = 42
+    device: Device = "auto"
+    overwrite: bool = False
+    allow_pickle_weights: bool = Field(False, description="load pytorch_model.bin (pickle, which can run code) "
+                                                          "from a folder without safetensors")
 
 
 class EvalConfig(Strict):
@@ -269,6 +438,9 @@ class EvalConfig(Strict):
     data: DataConfig = DataConfig()
     batch_size: int = Field(128, ge=1)
     ece_bins: int = Field(15, ge=2, le=100)
+    exit_thresholds: list[float] | None = Field(None, description="models with early exits: the thresholds of the "
+                                                                  "accuracy curve (default: a range per criterion)")
+    exit_criterion: Literal["confidence", "entropy"] = "confidence"
     output: str | None = Field(None, description="JSON path; default STUDENT/eval.json")
     device: Device = "auto"
     allow_pickle_weights: bool = Field(False, description="load pytorch_model.bin (pickle, which can run code) "
@@ -461,9 +633,19 @@ class ServeConfig(Strict):
     max_texts: int = Field(64, ge=1, description="most texts in one request")
     max_text_chars: int = Field(10_000, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    exit_threshold: float | None = Field(None, description="a model with early exits (backend torch): each text "
+                                                           "stops at its first exit this sure")
+    exit_criterion: Literal["confidence", "entropy"] = "confidence"
     allow_pickle_weights: bool = Field(False, description="load pytorch_model.bin (pickle, which can run code) "
                                                           "from a folder without safetensors")
     verify: bool = Field(True, description="check the artifact's files against the sha256 in its manifest")
+
+    @model_validator(mode="after")
+    def _exits_on_torch(self) -> "ServeConfig":
+        if self.exit_threshold is not None and self.backend != "torch":
+            raise ValueError("--exit-threshold needs --backend torch: the exported graphs compute every layer (they "
+                             "return every exit's logits), so stopping early saves no time there")
+        return self
 
 
 class TritonConfig(Strict):
@@ -502,11 +684,23 @@ class BenchConfig(Strict):
                                                         "±settle of it")
     inputs: Literal["auto", "real", "random"] = Field(
         "auto", description="real eval texts (auto: when the model's record names them, else random ids)")
+    exit_thresholds: list[float] | None = Field(
+        None, description="models with early exits, backend torch: also measure each at these exit thresholds "
+                          "(rows MODEL@exitT), with the accuracy at each on the model's eval data")
+    exit_criterion: Literal["confidence", "entropy"] = "confidence"
     allow_pickle_weights: bool = Field(False, description="load pytorch_model.bin (pickle, which can run code) "
                                                           "from a folder without safetensors")
     verify: bool = Field(True, description="check the artifact's files against the sha256 in its manifest")
     output: str | None = None
     overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _exits_on_torch(self) -> "BenchConfig":
+        if self.exit_thresholds is not None and set(self.backends) != {"torch"}:
+            raise ValueError("exit thresholds need --backend torch alone: the exported graphs (ONNX, TensorRT, "
+                             "AOTInductor) compute every layer and return every exit's logits for a server to choose "
+                             "from, so stopping early saves no time there")
+        return self
 
     @field_validator("batch", "seq")
     @classmethod
@@ -552,6 +746,22 @@ class SpeedBudget(Strict):
         return self
 
 
+class ExitBudget(Strict):
+    """The accuracy of a model with early exits at one exit threshold (its speed there: a speed budget whose model
+    is NAME@exitT, as the bench names the row)."""
+
+    threshold: float
+    min_accuracy: float | None = Field(None, ge=0, le=1)
+    min_layers_saved: float | None = Field(None, ge=0, le=1, description="share of layers the average row skips")
+    model: str | None = Field(None, description="bench model name; default: the last model with exits")
+
+    @model_validator(mode="after")
+    def _has_a_limit(self) -> "ExitBudget":
+        if self.min_accuracy is None and self.min_layers_saved is None:
+            raise ValueError("an early-exit budget needs a limit: min_accuracy or min_layers_saved")
+        return self
+
+
 class BaselineTolerance(Strict):
     accuracy: float = Field(0.005, ge=0, le=1, description="largest accuracy drop vs the baseline")
     latency_ratio: float | None = Field(1.15, ge=1, description="largest p99 growth vs the baseline (ratio); null: "
@@ -569,6 +779,8 @@ class Budgets(Strict):
     max_accuracy_drop: float | None = Field(None, ge=0, le=1, description="per export variant, vs PyTorch")
     max_model_mb: float | None = Field(None, gt=0, description="each exported model file")
     speed: list[SpeedBudget] = Field(default_factory=list)
+    early_exit: list[ExitBudget] = Field(default_factory=list, description="accuracy at exit thresholds (bench "
+                                                                           "--exit-threshold or kdship eval)")
     baseline_tolerance: BaselineTolerance = BaselineTolerance()
 
 
@@ -590,9 +802,12 @@ class StageConfig(Strict):
     losses, and any training setting that differs from the pipeline's `common` settings."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    teacher: str
+    teacher: str = Field(description="a name from teachers:, a folder or hub id, or `previous`: the student the "
+                                     "stage before this one made (born-again generations)")
     data: str | DataConfig
     allow_multi_change: bool = Field(False, description="let this stage change more than one of teacher/data/objective")
+    restart_student: bool = Field(False, description="start from the pipeline's student again, not from the "
+                                                     "previous stage's (a fresh student for each generation)")
     settings: dict[str, Any] = Field(default_factory=dict, description="DistillConfig fields for this stage")
 
     @model_validator(mode="before")

@@ -34,6 +34,7 @@ class TextTable:
     raw_labels: list[Any] | None
     source: str
     fingerprint: str
+    columns: list[str] | None = None  # the text columns read (None: plain text)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -144,7 +145,7 @@ def load_table(source: str, text_columns: Sequence[str] | None, label_column: st
         raise DataError(f"data {source} holds no examples; give a file with at least one row")
     if max_samples is not None:
         table = TextTable(table.texts[:max_samples], table.raw_labels and table.raw_labels[:max_samples],
-                          table.source, table.fingerprint + f":first{max_samples}")
+                          table.source, table.fingerprint + f":first{max_samples}", table.columns)
     return table
 
 
@@ -161,7 +162,7 @@ def _table_from_frame(frame: pd.DataFrame, text_columns: Sequence[str] | None, l
         labels = frame[label_column].tolist()
         if any(pd.isna(v) or v == "" for v in labels):
             raise DataError(f"{source} has rows without a label in column {label_column!r}; fill or drop them")
-    return TextTable(texts, labels, source, fingerprint)
+    return TextTable(texts, labels, source, fingerprint, cols)
 
 
 # ---- labels -------------------------------------------------------------------------------------------------------
@@ -196,7 +197,8 @@ def encode_labels(raw: Sequence[Any], label_names: Sequence[str], source: str) -
             i = index.get(str(as_int), as_int if 0 <= as_int < len(label_names) else None)
         if i is None:
             raise DataError(f"{source} has label {v!r}, which the model does not know (labels: "
-                            f"{', '.join(label_names)}); check the label column or the model's id2label")
+                            f"{', '.join(label_names)}); check the label column or the model's id2label (a teacher "
+                            "of another task: kdship distill --cross-task)")
         ids.append(i)
     return ids
 

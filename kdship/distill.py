@@ -1,10 +1,10 @@
-"""`kdship distill`: students learn from a teacher. Three parts: build the run (teacher, students, data,
-techniques), the step (the teacher's outputs, each student's forward and weighted registry losses), and writing
-the outputs. The optimizer step, evaluation and checkpoints are kdship.loop's; techniques wrap the step."""
+"""`kdship distill`: students learn from a teacher (or from several, or, teacher-free, from themselves and each
+other). Three parts: build the run (teacher, students, data, techniques), the step (the teacher's outputs, each
+student's forward and weighted registry losses), and writing the outputs. The optimizer step, evaluation and
+checkpoints are kdship.loop's; techniques wrap the step."""
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,23 +12,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdship.artifacts import read_record, sha256_file, staged_dir, with_relative_sources, write_record
-from kdship.config import DistillConfig, to_record
+from kdship.artifacts import staged_dir, with_relative_sources, write_record
+from kdship.config import TEACHER_FREE, DistillConfig, to_record
 from kdship.data import model_inputs, targets, token_mask
 from kdship.errors import ConfigError, ModelError
 from kdship.loop import LoopState, Step, StepInput, StepResult, TrainingPlan, fit, total_steps_for
 from kdship.losses import LossInputs, WeightedLoss, get_loss
-from kdship.models import (build_model, check_tokenizers_match, check_vocab_compatible, config_from_spec,
-                           captured_qkv, expand_shorthand, init_from_teacher, is_mlm, is_shape_spec, label_names_of,
-                           load_config, load_tokenizer, max_tokens, relation_heads, task_label_names,
-                           under_weights_policy, uniform_layer_map)
+from kdship.models import (LAYER_KEY, build_model, check_tokenizers_match, check_vocab_compatible, config_from_spec,
+                           expand_shorthand, init_from_teacher, is_mlm, is_shape_spec, label_names_of, load_config,
+                           load_tokenizer, max_tokens, relation_heads, task_label_names, under_weights_policy,
+                           uniform_layer_map)
 from kdship.run import (RunData, evaluation_for, final_weights, label_metrics, load_run_data, mlm_collator_for,
-                        output_record,
-                        predict_everywhere, training_run, training_summary, write_model_folder, write_output)
+                        output_record, predict_everywhere, training_run, training_summary, write_model_folder,
+                        write_output)
 from kdship.runtime import Runtime
 from kdship.sanity import findings, warn
-from kdship.techniques import (Technique, TechniqueContext, build_techniques, draw_size_for, technique_memory,
-                               technique_records, wrap_step)
+from kdship.teacher import Teacher, TeacherOutputs
+from kdship.techniques import (Technique, TechniqueContext, build_techniques, draw_size_for, technique_batches,
+                               technique_memory, technique_records, wrap_step)
 from kdship.trainee import ATTENTIONS, HIDDEN, QKV, Forward, HiddenProjection, Trainee
 
 # default peak learning rates by how a student starts. Measured on SST-2 (random 4L-312, MiniLM-L6 teacher, 250
@@ -38,20 +39,71 @@ PRETRAINED_LR, RANDOM_INIT_LR = 1e-4, 5e-4
 PROJECTIONS = "projections"  # a student's head mapping its hidden states to the teacher's width
 
 
-def _teacher_config(cfg: DistillConfig) -> Any:
-    if not cfg.teacher:
+def _teacher_config(cfg: DistillConfig, source: str | None = None) -> Any:
+    source = source or cfg.teacher
+    if not source:
         raise ConfigError("no teacher; pass --teacher DIR_OR_HUB_ID")
-    config = load_config(cfg.teacher, "teacher")
-    if cfg.objective == "classify" and label_names_of(config) is None:
-        raise ModelError(f"teacher {cfg.teacher} has no trained classification head; fine-tune it first with "
+    config = load_config(source, "teacher")
+    cross_task = cfg.cross_task is not None  # its teacher may have other labels, or none (it teaches by features)
+    if cfg.objective == "classify" and label_names_of(config) is None and not cross_task:
+        raise ModelError(f"teacher {source} has no trained classification head; fine-tune it first with "
                          "`kdship train` (or distill with --objective mlm)")
     if cfg.labelled and cfg.objective == "match" and task_label_names("match", config) is None:
-        raise ModelError(f"teacher {cfg.teacher} is not a bi-encoder trained to classify pairs; train one with "
+        raise ModelError(f"teacher {source} is not a bi-encoder trained to classify pairs; train one with "
                          "`kdship train --objective match --match-loss classify` (or use --match-loss in_batch)")
     if cfg.objective == "mlm" and not is_mlm(config):
-        raise ModelError(f"teacher {cfg.teacher} has no masked-LM head, so --objective mlm cannot use it; use a "
+        raise ModelError(f"teacher {source} has no masked-LM head, so --objective mlm cannot use it; use a "
                          "masked-LM teacher, or hidden/attention losses with --objective classify")
     return config
+
+
+@dataclass
+class Reference:
+    """What the students are built against: the (first) teacher's config, tokenizer and labels; teacher-free, the
+    tokenizer (--tokenizer, or the first student folder's) and, for spec students, that folder's config."""
+
+    config: Any  # the teacher's config; teacher-free: the first student folder's, or None
+    tokenizer: Any
+    label_names: list[str] | None  # the labels students predict; None: the data's
+    teacher: bool
+
+    @property
+    def family(self) -> str:
+        return self.config.model_type if self.config is not None else "bert"
+
+
+def _reference(cfg: DistillConfig) -> Reference:
+    head_labels = lambda config: task_label_names(head_for(cfg, config), config)  # noqa: E731
+    if cfg.teacher_sources:
+        configs = [_teacher_config(cfg, source) for source in cfg.teacher_sources]
+        tokenizer = load_tokenizer(cfg.teacher_sources[0], "teacher")
+        _check_teachers_agree(cfg, configs, tokenizer)
+        labels = None if cfg.cross_task or (cfg.objective == "match" and not cfg.labelled) else head_labels(configs[0])
+        return Reference(configs[0], tokenizer, labels, teacher=True)
+    reading = [s.name for s in cfg.losses if "teacher" in get_loss(s.name).needs]
+    if reading or cfg.cross_task or cfg.generations > 1:
+        raise ConfigError(f"no teacher; pass --teacher DIR_OR_HUB_ID (or train teacher-free: {', '.join(TEACHER_FREE)} "
+                          "with --loss ce)")
+    folders = [s for s in student_sources(cfg, "bert").values() if not is_shape_spec(s)]
+    source = cfg.tokenizer or (folders[0] if folders else None)
+    if source is None:
+        raise ConfigError("without a teacher, spec students need a tokenizer: pass --tokenizer DIR_OR_HUB_ID (or a "
+                          "student folder)")
+    config = load_config(folders[0], "student") if folders else None
+    return Reference(config, load_tokenizer(source, "tokenizer"), None, teacher=False)
+
+
+def _check_teachers_agree(cfg: DistillConfig, configs: list[Any], tokenizer: Any) -> None:
+    """Several teachers are averaged label by label, token by token: they must share labels and vocabulary."""
+    for source, config in zip(cfg.teacher_sources[1:], configs[1:]):
+        first, other = task_label_names(head_for(cfg, configs[0]), configs[0]), task_label_names(head_for(cfg, config),
+                                                                                                   config)
+        if other != first:
+            raise ModelError(f"teacher {source} predicts labels {other}, teacher {cfg.teacher_sources[0]} {first}; "
+                             "several teachers must share one label set")
+        if load_tokenizer(source, "teacher").get_vocab() != tokenizer.get_vocab():
+            raise ModelError(f"teacher {source} uses another tokenizer than {cfg.teacher_sources[0]}; several "
+                             "teachers must read the same tokens")
 
 
 def _layer_map(cfg: DistillConfig, student_layers: int, teacher_layers: int) -> list[int]:
@@ -81,95 +133,74 @@ def student_sources(cfg: DistillConfig, family: str) -> dict[str, str]:
     return {"student": expand_shorthand(cfg.student, family)}
 
 
+def _student_config(source: str, ref: Reference) -> Any:
+    """The config a student will have: its folder's, or its spec's, sized from the teacher (teacher-free: from
+    the reference folder, or to the tokenizer)."""
+    if not is_shape_spec(source):
+        return load_config(source, "student")
+    config = config_from_spec(source, base=ref.config)
+    if ref.config is None:
+        config.vocab_size, config.pad_token_id = len(ref.tokenizer), ref.tokenizer.pad_token_id
+    return config
+
+
 def _copies_teacher_layers(cfg: DistillConfig, source: str, tcfg: Any) -> bool:
-    """Whether this student starts from the teacher's layers (a shape spec of the teacher's width)."""
-    return is_shape_spec(source) and cfg.init_from_teacher and config_from_spec(source, base=tcfg).hidden_size == \
-        tcfg.hidden_size
+    """Whether this student starts from the teacher's layers (a shape spec of the teacher's family and width)."""
+    if not (tcfg is not None and is_shape_spec(source) and cfg.init_from_teacher):
+        return False
+    config = config_from_spec(source, base=tcfg)
+    return config.model_type == tcfg.model_type and config.hidden_size == tcfg.hidden_size
 
 
-def _student(cfg: DistillConfig, name: str, source: str, head: str, tcfg: Any, teacher: nn.Module | None,
-             tokenizer: Any, label_names: list[str] | None, eager: bool, prefix: str) -> Trainee:
+def _student(cfg: DistillConfig, name: str, source: str, config: Any, head: str, ref: Reference,
+             teacher: nn.Module | None, label_names: list[str] | None, eager: bool, prefix: str) -> Trainee:
     if is_shape_spec(source):
-        config = config_from_spec(source, base=tcfg)
         student = build_model(head, config=config, label_names=label_names, attn_eager=eager,
                               match_loss=cfg.match_loss)
     else:
-        config = load_config(source, "student")
         if (Path(source) / "tokenizer_config.json").exists() or (Path(source) / "tokenizer.json").exists():
-            check_tokenizers_match(tokenizer, load_tokenizer(source, "student"), source)
-        check_vocab_compatible(config, tokenizer, source)
+            check_tokenizers_match(ref.tokenizer, load_tokenizer(source, "student"), source)
+        check_vocab_compatible(config, ref.tokenizer, source)
         names = task_label_names(head, config)
         if names is not None and label_names is not None and len(names) != len(label_names):
-            raise ModelError(f"student {source} has {len(names)} labels but the teacher has {len(label_names)}; "
-                             "use a student without a classification head, or one trained on the same labels")
+            raise ModelError(f"student {source} has {len(names)} labels but the run has {len(label_names)}; use a "
+                             "student without a classification head, or one trained on the same labels")
         student = build_model(head, source=source, label_names=label_names, attn_eager=eager,
                               match_loss=cfg.match_loss)
-    layer_map = _layer_map(cfg, student.config.num_hidden_layers, tcfg.num_hidden_layers)
-    copied = init_from_teacher(student, teacher, layer_map) if _copies_teacher_layers(cfg, source, tcfg) else 0
+    layer_map = (_layer_map(cfg, student.config.num_hidden_layers, ref.config.num_hidden_layers) if ref.teacher
+                 else None)
+    copied = init_from_teacher(student, teacher, layer_map) if teacher is not None and _copies_teacher_layers(
+        cfg, source, ref.config) else 0
     lr = cfg.lr or (PRETRAINED_LR if copied or not is_shape_spec(source) else RANDOM_INIT_LR)
     return Trainee(name, student, prefix=prefix, lr=lr,
                    details={"name": name, "source": source, "layer_map": layer_map,
                             "tensors_copied_from_teacher": copied, "lr": lr})
 
 
-def teacher_identity(source: str) -> dict[str, Any]:
-    record = read_record(Path(source)) if Path(source).is_dir() else None
-    identity: dict[str, Any] = {"source": source}
-    weights = Path(source) / "model.safetensors"
-    if weights.is_file():
-        identity["weights_sha256"] = sha256_file(weights)
-    if record:
-        identity |= {"command": record.get("command"), "metrics": record.get("metrics"), "data": record.get("data")}
-    return identity
+def _teacher(cfg: DistillConfig, head: str, ref: Reference, needs: set[str], sources: dict[str, str],
+             eager: bool) -> Teacher:
+    """The teacher(s) as the step sees them. Weights are loaded when a loss reads the teacher or a student starts
+    from its layers; with hard labels alone the teacher only lends its vocabulary and labels and is never run."""
+    weights_read = "teacher" in needs or any(_copies_teacher_layers(cfg, s, ref.config) for s in sources.values())
+    models = [build_model(head, source=s, attn_eager=eager, match_loss=cfg.match_loss)
+              for s in cfg.teacher_sources] if weights_read else []
+    wants = frozenset({HIDDEN} if "hidden" in needs else set()) | ({ATTENTIONS} if eager else set())
+    parameters = sum(p.numel() for p in models[0].parameters()) if models else None
+    teacher_labels = task_label_names(head, ref.config) if ref.teacher else None
+    return Teacher(models, cfg.teacher_sources, ref.tokenizer, teacher_labels, parameters, wants,
+                   weighting=cfg.teacher_weighting, weights=cfg.teacher_weights, temperature=cfg.temperature)
 
 
-@dataclass
-class TeacherOutputs:
-    logits: torch.Tensor
-    hidden_states: Any = None
-    attentions: Any = None
-    qkv: dict[int, list[torch.Tensor]] | None = None  # teacher layer -> its query, key and value projections
-
-
-class Teacher:
-    """The teacher as the step sees it: `outputs(batch, indices)`, computed now under no_grad, or read from the
-    logits computed once before training when that is all the losses read (`cache`). Without a loss that reads
-    it there is no teacher model at all (`model` None) and `outputs` is None."""
-
-    def __init__(self, model: nn.Module | None, source: str, parameters: int | None, wants: frozenset[str],
-                 qkv_layers: frozenset[int], cache: torch.Tensor | None):
-        self.model, self.source, self.parameters, self.wants = model, source, parameters, wants
-        self.qkv_layers, self.cache = qkv_layers, cache
-        self.memory = nn.Module()  # checkpointed with the run: a resumed record counts the whole run's calls
-        self.memory.register_buffer("forward_calls", torch.zeros((), dtype=torch.long))
-
-    def outputs(self, batch: dict[str, torch.Tensor], indices: list[int]) -> TeacherOutputs | None:
-        if self.cache is not None:
-            return TeacherOutputs(self.cache[torch.as_tensor(indices, device=self.cache.device)])
-        if self.model is None:
-            return None
-        with torch.no_grad(), contextlib.ExitStack() as stack:
-            qkv = {layer: stack.enter_context(captured_qkv(self.model, layer)) for layer in sorted(self.qkv_layers)}
-            out = self.model(**model_inputs(batch), output_hidden_states=HIDDEN in self.wants,
-                             output_attentions=ATTENTIONS in self.wants)
-        self.memory.forward_calls += 1  # a CPU tensor: counting costs no device sync
-        return TeacherOutputs(out.logits, out.hidden_states, out.attentions, qkv)
-
-    def record(self, runtime: Runtime) -> dict[str, Any]:
-        return {"teacher_read": self.model is not None, "teacher_cache": self.cache is not None,
-                "teacher_forward_calls": int(runtime.total(int(self.memory.forward_calls)))}
-
-
-def cached_teacher_logits(cfg: DistillConfig, needs: set[str], teacher: nn.Module, tokenizer: Any, data: RunData,
+def cached_teacher_logits(cfg: DistillConfig, needs: set[str], teacher: Teacher, data: RunData,
                           runtime: Runtime) -> torch.Tensor | None:
     """The teacher's logits for every training example, once, when that is all the losses read and the inputs do
     not change between epochs (no random masking): the teacher then costs one pass instead of one per epoch,
     split over the processes. Computed in a fixed order, so a resumed run uses exactly the same values."""
-    safe = cfg.labelled and needs <= {"logits", "teacher"}
+    safe = cfg.labelled and needs <= {"logits", "teacher"} and teacher.models
     if cfg.teacher_cache == "off" or not safe:
         return None
     # kept on the device: each step gathers its rows there instead of copying them from the host
-    return predict_everywhere(teacher, tokenizer, data.train, cfg.eval_batch_size, runtime)
+    return teacher.predict(data.train, cfg.eval_batch_size, runtime, mapped=False)
 
 
 @dataclass
@@ -191,57 +222,81 @@ class DistillRun:
 
 @under_weights_policy
 def distill(cfg: DistillConfig) -> dict[str, Any]:
-    tconfig = _teacher_config(cfg)
     with training_run(cfg) as (runtime, run_dir):
-        run = _build_run(cfg, tconfig, runtime)
+        run = _build_run(cfg, runtime)
         plan = TrainingPlan(wrap_step(_step(run), run.techniques), run.evaluate, run.trainees,
-                            {"teacher": run.teacher.memory, **technique_memory(run.techniques)}, draw_size_for(cfg))
+                            {"teacher": run.teacher.memory, **technique_memory(run.techniques)}, draw_size_for(cfg),
+                            technique_batches(run.techniques))
         state = fit(cfg, plan, run.data.train, run.tokenizer, run_dir, runtime, run.collator, _label(run),
                     run.data.record())
         return _write_outputs(run, state, run_dir)
 
 
-def _build_run(cfg: DistillConfig, tconfig: Any, runtime: Runtime) -> DistillRun:
+def _build_run(cfg: DistillConfig, runtime: Runtime) -> DistillRun:
     terms = [WeightedLoss(get_loss(spec.name), spec.weight, spec.weight_end, spec.until) for spec in cfg.losses]
     needs = set().union(*(t.loss.needs for t in terms))
     eager = "attentions" in needs  # fused attention kernels do not return attention maps
-    head = head_for(cfg, tconfig)
-    tokenizer = load_tokenizer(cfg.teacher, "teacher")
-    label_names = task_label_names(head, tconfig) if head != "match" or cfg.labelled else None
-    sources = student_sources(cfg, tconfig.model_type)
-    # the teacher's weights are loaded when a loss reads its outputs or a student starts from its layers; with hard
-    # labels alone it gives the students its vocabulary and labels and is never run
-    weights_read = "teacher" in needs or any(_copies_teacher_layers(cfg, s, tconfig) for s in sources.values())
-    teacher = build_model(head, source=cfg.teacher, attn_eager=eager, match_loss=cfg.match_loss) if weights_read else None
-    parameters = sum(p.numel() for p in teacher.parameters()) if teacher is not None else None
+    ref = _reference(cfg)
+    head = head_for(cfg, ref.config)
+    sources = student_sources(cfg, ref.family)
+    configs = {name: _student_config(source, ref) for name, source in sources.items()}
+    data = load_run_data(cfg, ref.tokenizer, ref.label_names if cfg.labelled else None,
+                         max_tokens(cfg.data.max_length, *[c for c in (ref.config, *configs.values()) if c]))
+    teacher = _teacher(cfg, head, ref, needs, sources, eager)
     prefix = lambda name: f"{name}/" if cfg.students is not None else ""  # noqa: E731
-    trainees = [_student(cfg, name, source, head, tconfig, teacher, tokenizer, label_names, eager, prefix(name))
-                for name, source in sources.items()]  # copied from the teacher before it is sharded
-    teacher = runtime.frozen_module(teacher, cfg.teacher_sharding) if "teacher" in needs else None
-    data = load_run_data(cfg, tokenizer, label_names if cfg.labelled else None,
-                         max_tokens(cfg.data.max_length, tconfig, *(t.model.config for t in trainees)))
-    wants = frozenset({HIDDEN} if "hidden" in needs else set()) | ({ATTENTIONS} if eager else set())
-    cache = cached_teacher_logits(cfg, needs, teacher, tokenizer, data, runtime) if teacher is not None else None
-    collator = mlm_collator_for(cfg, tokenizer)
-    evaluate = _evaluation(cfg, trainees, teacher, tokenizer, data, runtime, collator)
-    for t in trainees:
-        if "hidden" in needs:
-            t.heads[PROJECTIONS] = HiddenProjection(list(range(t.model.config.num_hidden_layers + 1)),
-                                                    t.model.config.hidden_size, tconfig.hidden_size)
-        if "qkv" in needs:
-            t.details["relation_heads"] = relation_heads(t.model.config, tconfig)
+    labels = data.label_names if cfg.labelled else ref.label_names  # (a feature stage keeps the teacher's labels)
+    trainees = [_student(cfg, name, sources[name], configs[name], head, ref, teacher.model, labels, eager,
+                         prefix(name)) for name in sources]  # copied from the teacher before it is sharded
+    teacher.models = [runtime.frozen_module(m, cfg.teacher_sharding) for m in teacher.models] if "teacher" in needs \
+        else []
+    teacher.qkv_layers = frozenset(t.details["layer_map"][-1] - 1 for t in trainees) if "qkv" in needs else frozenset()
+    teacher.cache = cached_teacher_logits(cfg, needs, teacher, data, runtime)
     total, _ = total_steps_for(cfg, len(data.train.features), runtime.world, draw_size_for(cfg))
-    techniques = build_techniques(TechniqueContext(cfg, trainees[0], tokenizer, data.train, runtime, total))
+    techniques = build_techniques(TechniqueContext(cfg, trainees, ref.tokenizer, data.train, runtime, total,
+                                                   draw_size_for(cfg), teacher, data.label_names))
+    collator = mlm_collator_for(cfg, ref.tokenizer)
+    evaluate = _evaluation(cfg, trainees, teacher, ref.tokenizer, data, runtime, collator)
+    _prepare_trainees(cfg, trainees, needs, ref.config, runtime)
+    return DistillRun(cfg, runtime, ref.tokenizer, teacher, trainees, data, collator, terms, needs, techniques,
+                      evaluate)
+
+
+def _prepare_trainees(cfg: DistillConfig, trainees: list[Trainee], needs: set[str], tcfg: Any,
+                      runtime: Runtime) -> None:
+    """What each student needs beside its model for the losses (projections to the teacher's width, relation
+    heads), the layers it trains (stage-wise distillation), and its place on the devices."""
+    for t in trainees:
+        layers = cfg.train_layers or list(range(t.model.config.num_hidden_layers + 1))
+        if max(layers) > t.model.config.num_hidden_layers:
+            raise ConfigError(f"train_layers {cfg.train_layers}: student {t.name} has "
+                              f"{t.model.config.num_hidden_layers} layers (0: the embeddings)")
+        t.details["feature_layers"] = layers
+        if cfg.train_layers:
+            t.details["frozen_parameters"] = freeze_other_layers(t.model, layers)
+        if "hidden" in needs:
+            t.heads[PROJECTIONS] = HiddenProjection(layers, t.model.config.hidden_size, tcfg.hidden_size)
+        if "qkv" in needs:
+            t.details["relation_heads"] = relation_heads(t.model.config, tcfg)
     # every parameter gets a gradient when a loss reads the student's own head (a bi-encoder's pooler does not)
     all_used = "logits" in needs and cfg.objective not in ("match", "features")
     for t in trainees:
         t.distribute(runtime, cfg.sharding, all_used)
-    qkv_layers = frozenset(t.details["layer_map"][-1] - 1 for t in trainees) if "qkv" in needs else frozenset()
-    return DistillRun(cfg, runtime, tokenizer, Teacher(teacher, cfg.teacher, parameters, wants, qkv_layers, cache),
-                      trainees, data, collator, terms, needs, techniques, evaluate)
 
 
-def _evaluation(cfg: DistillConfig, trainees: list[Trainee], teacher: nn.Module | None, tokenizer: Any, data: RunData,
+def freeze_other_layers(model: nn.Module, layers: list[int]) -> int:
+    """Freeze the transformer layers not in `layers` (1-based) and the embeddings unless 0 is in it; heads stay
+    trainable. Returns how many tensors were frozen."""
+    frozen = 0
+    for name, parameter in model.named_parameters():
+        match = LAYER_KEY.search(f".{name}")
+        layer = int(match.group(1)) + 1 if match else (0 if "embeddings" in name else None)
+        if layer is not None and layer not in layers:
+            parameter.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
+def _evaluation(cfg: DistillConfig, trainees: list[Trainee], teacher: Teacher, tokenizer: Any, data: RunData,
                 runtime: Runtime, collator: Any) -> Any:
     """Each student's evaluation (accuracy and agreement with the teacher, in one pass over the eval set, for
     classifiers); sets which metric decides each student's best step."""
@@ -252,15 +307,18 @@ def _evaluation(cfg: DistillConfig, trainees: list[Trainee], teacher: nn.Module 
     if not any(e.run for e in evaluations.values()):
         return None
     labelled = data.eval is not None and cfg.labelled
-    teacher_top = predict_everywhere(teacher, tokenizer, data.eval, cfg.eval_batch_size,
-                                     runtime).argmax(-1).cpu() if labelled and teacher is not None else None
     labels = torch.tensor(data.eval.labels) if labelled else None
+    teacher_top: list[torch.Tensor | None] = []  # computed at the first evaluation (a cross-task map exists by then)
 
     def student_metrics(t: Trainee) -> dict[str, float]:
         if not labelled:
             return evaluations[t.name].run()
+        if not teacher_top:
+            readable = teacher.models and (teacher.label_names is not None or teacher.label_map is not None)
+            teacher_top.append(teacher.predict(data.eval, cfg.eval_batch_size, runtime).argmax(-1).cpu()
+                               if readable else None)
         top = predict_everywhere(t.model, tokenizer, data.eval, cfg.eval_batch_size, runtime).argmax(-1).cpu()
-        metrics = label_metrics(top, labels, teacher_top)
+        metrics = label_metrics(top, labels, teacher_top[0])
         warn(f"student {t.name}" if t.prefix else "the student", findings(metrics, data.baseline))
         return metrics
 
@@ -272,13 +330,13 @@ def _loss_inputs(trainee: Trainee, t_out: TeacherOutputs | None, forward: Forwar
     s_out, heads = forward.output, forward.heads
     x = LossInputs(student_logits=s_out.logits, teacher_logits=t_out and t_out.logits,
                    labels=targets(batch, s_out.logits), attention_mask=token_mask(batch), temperature=temperature)
-    layer_map = trainee.details["layer_map"]
+    layer_map, layers = trainee.details["layer_map"], trainee.details["feature_layers"]
     if "hidden" in needs:
         x.student_hidden = heads[PROJECTIONS]
-        x.teacher_hidden = [t_out.hidden_states[i] for i in layer_map]
+        x.teacher_hidden = [t_out.hidden_states[layer_map[i]] for i in layers]
     if "attentions" in needs:
-        x.student_attentions = s_out.attentions
-        x.teacher_attentions = [t_out.attentions[i - 1] for i in layer_map[1:]]
+        x.student_attentions = [s_out.attentions[i - 1] for i in layers if i]
+        x.teacher_attentions = [t_out.attentions[layer_map[i] - 1] for i in layers if i]
     if "qkv" in needs:  # the student's last layer against the teacher layer it is mapped to
         x.student_qkv, x.teacher_qkv = heads[QKV], t_out.qkv[layer_map[-1] - 1]
         x.relation_heads = trainee.details["relation_heads"]
@@ -292,10 +350,10 @@ def _step(run: DistillRun) -> Step:
     def step(x: StepInput) -> StepResult:
         t_out = run.teacher.outputs(x.tensors, x.indices)  # once per batch, shared by every student
         inputs = model_inputs(x.tensors)
-        total, logs = 0.0, {}
+        total, logs, forwards = 0.0, {}, {}
         for t in run.trainees:
             with t.timer.region():
-                forward = t(inputs, x.outputs | outputs)
+                forward = forwards[t.name] = t(inputs, x.outputs | outputs)
                 loss_inputs = _loss_inputs(t, t_out, forward, x.tensors, run.needs, run.cfg.temperature)
                 values = [term.loss.fn(loss_inputs) for term in run.terms]
                 student_total = sum(term.weight_at(x.progress) * value for term, value in zip(run.terms, values))
@@ -303,21 +361,23 @@ def _step(run: DistillRun) -> Step:
             logs |= {f"{t.prefix}{term.loss.name}": value.detach() for term, value in zip(run.terms, values)}
             t.trace.add(student_total.detach())
             total = total + student_total
-        return StepResult(total, logs, len(x.indices))
+        return StepResult(total, logs, len(x.indices), forwards)
 
     return step
 
 
 def _label(run: DistillRun) -> str:
     several = f" x{len(run.trainees)} students" if run.cfg.students is not None else ""
+    teachers = f" from {len(run.teacher.sources)} teachers" if len(run.teacher.sources) > 1 else ""
     teacher = " (teacher cached)" if run.teacher.cache is not None else ""
-    teacher = " (no loss reads the teacher: not run)" if run.teacher.model is None else teacher
-    return f"distill{several}{teacher}"
+    teacher = " (no loss reads the teacher: not run)" if not run.teacher.models else teacher
+    teacher = " (teacher-free)" if not run.teacher.sources else teacher
+    return f"distill{several}{teachers}{teacher}"
 
 
 def _write_outputs(run: DistillRun, state: LoopState, run_dir: Path) -> dict[str, Any]:
     cfg, runtime = run.cfg, run.runtime
-    teacher = teacher_identity(cfg.teacher) | {"parameters": run.teacher.parameters}
+    teacher = run.teacher.identity()
     teacher_training = run.teacher.record(runtime)
     techniques = technique_records(run.techniques, runtime)
 
@@ -347,3 +407,4 @@ def _write_outputs(run: DistillRun, state: LoopState, run_dir: Path) -> dict[str
     runtime.barrier()
     return {"output": str(output), "students": {n: {"output": str(output / n), **r} for n, r in results.items()},
             "metrics": {}}
+

@@ -150,7 +150,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         model = build_model(objective, source, match_loss=None if names else "in_batch").to(device)
         if names:
             outputs[role] = predict_logits(model, tokenizer, encoded, cfg.batch_size, device)
-            metrics = classification_metrics(outputs[role], labels, names, cfg.ece_bins)
+            metrics = classification_metrics(outputs[role], labels, names, cfg.ece_bins) | _exits(
+                model, tokenizer, encoded, labels, cfg, device)
         else:  # the similarity matrix: its rows' top choices give the agreement
             outputs[role] = similarities(*embed_pairs(model, tokenizer, encoded, cfg.batch_size, device))
             metrics = {**ranking_metrics(outputs[role]), "n": len(encoded.features)}
@@ -163,6 +164,21 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     atomic_write_json(out, result)
     result["output"] = str(out)
     return result
+
+
+def _exits(model: Any, tokenizer: Any, encoded: Encoded, labels: torch.Tensor, cfg: EvalConfig,
+           device: torch.device) -> dict[str, Any]:
+    """For a model with early exits: each exit's accuracy and, at each threshold, accuracy and where rows stop."""
+    from kdship.early_exit import DEFAULT_THRESHOLDS, EarlyExitModel, exit_curve
+
+    if not isinstance(model, EarlyExitModel):
+        return {}
+    batches, order = [], []
+    for indices, batch in iterate_batches(tokenizer, encoded, cfg.batch_size):
+        batches.append({k: v.to(device) for k, v in model_inputs(batch).items()})
+        order += indices
+    thresholds = cfg.exit_thresholds or DEFAULT_THRESHOLDS[cfg.exit_criterion]
+    return {"early_exit": exit_curve(model, batches, labels[torch.tensor(order)], thresholds, cfg.exit_criterion)}
 
 
 def _checks(result: dict[str, Any], top: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict[str, Any]:

@@ -118,7 +118,9 @@ def _manifest(cfg: ExportConfig, out: Path, order: list, ctx: Any, parity: dict[
 def export(cfg: ExportConfig) -> dict[str, Any]:
     from kdship.exporters import ExportContext, build_order
     from kdship.exporters.onnx_export import input_names_for
-    from kdship.exporters.parity import batched, check_variant, parity_cases, print_parity, torch_logits
+    from kdship.early_exit import EarlyExitModel
+    from kdship.exporters.parity import (batched, check_exits, check_variant, parity_cases, print_parity,
+                                         torch_exit_logits, torch_logits)
 
     if not cfg.output:
         raise ConfigError("no output folder; pass -o DIR")
@@ -134,6 +136,8 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     cases = parity_cases(tokenizer, texts, names, max_length, model.config.vocab_size)
     eval_batches = batched(tokenizer, texts, names, max_length)
     reference = {name: torch_logits(model, feeds) for name, feeds in cases.items()}
+    exits = isinstance(model, EarlyExitModel)  # a model with early exits: their logits are checked too
+    reference_exits = {name: torch_exit_logits(model, feeds) for name, feeds in cases.items()} if exits else {}
     reference_eval = np.concatenate([torch_logits(model, feeds) for feeds in eval_batches])
     parity: dict[str, Any] = {}
     with staged_dir(Path(cfg.output), cfg.overwrite) as out:
@@ -149,6 +153,11 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
             ctx.files[exporter.name] = _build(exporter, ctx)
             parity[exporter.name] = check_variant(exporter, ctx.files[exporter.name], cases, reference,
                                                   eval_batches, reference_eval, labels, cfg.max_accuracy_drop)
+            exit_check = check_exits(exporter, ctx.files[exporter.name], cases, reference_exits) if exits else None
+            if exit_check is not None:
+                parity[exporter.name] |= {"exits": exit_check, "passed": parity[exporter.name]["passed"]
+                                          and exit_check["passed"]}
+                parity[exporter.name]["checks"]["exits"] = exit_check["passed"]
         print_parity(parity)
         failed = [name for name, p in parity.items() if not p["passed"]]
         if failed and not cfg.allow_mismatch:

@@ -128,6 +128,30 @@ def _speed_checks(budgets: Budgets, runs: Runs, allow_unstable: bool = False) ->
     return checks
 
 
+def _exit_checks(budgets: Budgets, runs: Runs) -> list[Check]:
+    """Accuracy and layers saved at exit thresholds, from a bench's early_exit curves (or an eval.json's)."""
+    if not budgets.early_exit:
+        return []
+    curves = {name: c for bench in runs.benches.values() for name, c in bench.get("early_exit", {}).items()
+              if "curve" in c}
+    curves |= {Path(folder).name: ev["student"]["early_exit"] for folder, ev in runs.evals.items()
+               if "early_exit" in ev["student"]}
+    if not curves:
+        raise ConfigError("early-exit budgets need a curve: kdship bench --backend torch --exit-threshold ... -o DIR "
+                          "(or kdship eval of the model with exits) among the run folders")
+    checks = []
+    for b in budgets.early_exit:
+        name = b.model or list(curves)[-1]
+        point = next((p for p in curves.get(name, {}).get("curve", []) if p["threshold"] == b.threshold), None)
+        if point is None:
+            raise ConfigError(f"no early-exit measurement of {name} at threshold {b.threshold:g}; measured: "
+                              f"{ {n: [p['threshold'] for p in c['curve']] for n, c in curves.items()} }")
+        for field, key in (("min_accuracy", "accuracy"), ("min_layers_saved", "layers_saved")):
+            if getattr(b, field) is not None:
+                checks.append(Check.of(f"{name} exit@{b.threshold:g} {key}", point[key], ">=", getattr(b, field)))
+    return checks
+
+
 def baseline_facts(runs: Runs) -> dict[str, float]:
     """What a baseline pins: the student's accuracy and every measured p99."""
     facts = {}
@@ -176,7 +200,8 @@ def junit_xml(checks: list[Check]) -> str:
 def gate(cfg: GateConfig) -> dict[str, Any]:
     budgets = build_config(Budgets, cfg.budgets, what="budgets file")
     runs = collect(cfg.runs)
-    checks = (_eval_checks(budgets, runs) + _export_checks(budgets, runs) + _speed_checks(budgets, runs, cfg.allow_unstable))
+    checks = (_eval_checks(budgets, runs) + _export_checks(budgets, runs) + _exit_checks(budgets, runs)
+              + _speed_checks(budgets, runs, cfg.allow_unstable))
     if checks and cfg.verify:  # an artifact changed after export passes no budget
         checks = _integrity_checks(runs) + checks
     facts = baseline_facts(runs)

@@ -24,7 +24,7 @@ from kdship.data import Encoded, bucket_batches, collate
 from kdship.errors import ConfigError
 from kdship.runtime import Runtime, full_state_dict, load_full_state_dict, unwrapped
 from kdship.tracking import logging_dir_for, tracked
-from kdship.trainee import Trainee
+from kdship.trainee import Forward, Trainee
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "kdship-checkpoint/2"
@@ -60,8 +60,7 @@ class StepResult:
     loss: Tensor
     logs: dict[str, Any]  # detached tensors or floats: read only when the progress line shows them
     samples: int  # how many samples got the step
-    output: Any = None  # the trained model's forward output, for techniques that read it
-    heads: dict[str, Any] = field(default_factory=dict)
+    forwards: dict[str, Forward] = field(default_factory=dict)  # each trained model's forward, for techniques
 
     def with_loss(self, loss: Tensor, logs: dict[str, Any]) -> "StepResult":
         return replace(self, loss=loss, logs=self.logs | logs)
@@ -83,6 +82,7 @@ class TrainingPlan:
     # state that is not trained but must survive a resume (e.g. sample-selection scores), per process
     memory: dict[str, nn.Module] = field(default_factory=dict)
     draw_size: int | None = None  # examples each process draws per micro-batch; None: the batch size
+    batches: Callable[[int], list[list[int]]] | None = None  # epoch -> its global batches; None: shuffled buckets
 
 
 @dataclass
@@ -330,7 +330,8 @@ def fit(cfg: RunConfig, plan: TrainingPlan, train: Encoded, tokenizer: Any, run_
                        runtime.is_main)
     with _progress(progress_label, total, state.step, runtime.is_main) as bar, trackers as track:
         while state.step < total:
-            batches = global_batches(lengths, cfg, runtime.world, state.epoch, draw_size)
+            batches = (plan.batches(state.epoch) if plan.batches else
+                       global_batches(lengths, cfg, runtime.world, state.epoch, draw_size))
             groups = [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
             for gi in range(state.group_in_epoch, len(groups)):
                 started = time.perf_counter()

@@ -228,7 +228,7 @@ def build_model(objective: str, source: str | None = None, config: Any = None, l
         model.config.architectures = [type(model).__name__]
         if hasattr(model.config, SETTINGS_KEY):  # a classifier or MLM made from a bi-encoder is no bi-encoder
             delattr(model.config, SETTINGS_KEY)
-        return model
+        return _with_saved_exits(model, objective, source)
     except OSError as e:  # a folder with config.json but no (or unreadable) weights
         first = str(e).strip().splitlines()[0]
         raise ModelError(f"{source}: weights could not be loaded ({first}); check the folder holds model.safetensors")
@@ -245,6 +245,20 @@ def build_model(objective: str, source: str | None = None, config: Any = None, l
             raise
         raise ModelError(f"{source}: model.safetensors is damaged or truncated ({str(e).splitlines()[0][:120]}); "
                          "copy it again or re-create the model") from None
+
+
+def _with_saved_exits(model: Any, objective: str, source: str | None) -> Any:
+    """A classifier saved with early exits comes back with them (their trained heads included); any other kind of
+    model made from it has none."""
+    from kdship.early_exit import SETTINGS_KEY as EXITS, early_exit_settings, with_exit_heads
+
+    settings = early_exit_settings(model.config)
+    if settings is None:
+        return model
+    if objective != "classify" or source is None:
+        delattr(model.config, EXITS)
+        return model
+    return with_exit_heads(model, settings["layers"], source)
 
 
 def check_weights_loaded(model: Any, missing: Any, source: str, prefix: str = "") -> None:

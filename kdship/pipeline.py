@@ -14,13 +14,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from kdship.artifacts import read_record, staged_dir, write_record
-from kdship.config import (PIPELINE_FIELDS, DataConfig, DistillConfig, PipelineConfig, StageConfig, build_config,
-                           deep_merge, drop_unset, nest_flat_spellings, read_recipe, to_record)
+from kdship.config import (PIPELINE_FIELDS, STAGE_SETTINGS, DataConfig, DistillConfig, PipelineConfig, StageConfig,
+                           build_config, deep_merge, drop_unset, nest_flat_spellings, read_recipe, to_record)
 from kdship.errors import CheckFailed, ConfigError, KdshipError
 from kdship.loop import START_FLAGS
 from kdship.runtime import Runtime, start_runtime
 
 STAGES = "stages"
+PREVIOUS = "previous"  # a stage's teacher: the student the stage before it made
 
 
 @dataclass
@@ -30,7 +31,12 @@ class Stage:
     changed: list[str]
 
 
-def _teacher(p: PipelineConfig, stage: StageConfig) -> str:
+def _teacher(p: PipelineConfig, stage: StageConfig, previous: Path | None) -> str:
+    if stage.teacher == PREVIOUS:
+        if previous is None:
+            raise ConfigError(f"stage {stage.name!r}: teacher previous means the student of the stage before, and it "
+                              "is the first stage; give it a teacher")
+        return str(previous)
     if stage.teacher in p.teachers:
         return p.teachers[stage.teacher]
     if Path(stage.teacher).exists() or "/" in stage.teacher:
@@ -91,8 +97,9 @@ def resolve(p: PipelineConfig) -> list[Stage]:
     previous_out: Path | None = None
     for i, spec in enumerate(p.stages):
         settings = deep_merge(nest_settings(p.common, "common"), nest_settings(spec.settings, f"stage {spec.name!r}"))
-        fields = {**settings, "teacher": _teacher(p, spec), "data": _data(p, spec),
-                  **_students_from(p, previous_out), "output": str(stage_folder(p, i, spec)), "seed": p.seed,
+        fields = {**settings, "teacher": _teacher(p, spec, previous_out), "data": _data(p, spec),
+                  **_students_from(p, None if spec.restart_student else previous_out),
+                  "output": str(stage_folder(p, i, spec)), "seed": p.seed,
                   "device": p.device, "precision": p.precision, "resume": p.resume}
         try:
             cfg = DistillConfig.model_validate({k: v for k, v in fields.items() if v is not None})
@@ -118,7 +125,8 @@ def preflight(stages: list[Stage]) -> None:
     for stage in stages:
         cfg = stage.config
         try:
-            _teacher_config(cfg)
+            if stage.spec.teacher != PREVIOUS:  # (a previous stage's student does not exist yet)
+                _teacher_config(cfg)
             label = cfg.data.label_column if cfg.labelled else None
             load_table(cfg.data.train, cfg.data.text_columns, label, max_samples=2)
             if cfg.selection:
@@ -148,10 +156,14 @@ def distill_recipe(recipe: str | Path | None = None, **overrides: Any) -> dict[s
     from kdship.distill import distill
 
     if not (recipe and STAGES in read_recipe(recipe)):
-        if overrides.pop("keep_going", None):
-            raise ConfigError("--keep-going is for pipeline recipes (a recipe with stages:); a single run has no "
-                              "next stage to keep going to")
-        return distill(build_config(DistillConfig, recipe, **overrides))
+        keep_going = overrides.pop("keep_going", None)
+        cfg = build_config(DistillConfig, recipe, **overrides)
+        if cfg.generations > 1:
+            return run_pipeline(born_again(cfg, bool(keep_going)))
+        if keep_going:
+            raise ConfigError("--keep-going is for pipeline recipes (a recipe with stages:, or generations:); a single "
+                              "run has no next stage to keep going to")
+        return distill(cfg)
     overrides = drop_unset(overrides)
     per_stage = [k for k in PER_STAGE if k in overrides]
     if per_stage:
@@ -161,6 +173,22 @@ def distill_recipe(recipe: str | Path | None = None, **overrides: Any) -> dict[s
     common = deep_merge(nest_settings(pipeline.common, "common"),
                         {k: v for k, v in overrides.items() if k not in PIPELINE_FIELDS})
     return run_pipeline(pipeline.model_copy(update={"common": common}))
+
+
+def born_again(cfg: DistillConfig, keep_going: bool = False) -> PipelineConfig:
+    """Born-again distillation (Furlanello et al. 2018) as a pipeline: generation 1 learns from the teacher, each
+    later generation is a fresh student of the same shape taught by the one before; every generation's metrics
+    stand in the pipeline's record."""
+    if not cfg.teacher:
+        raise ConfigError("generations (born-again) start from a teacher; pass --teacher DIR_OR_HUB_ID")
+    given = cfg.model_dump(mode="json", exclude_unset=True, by_alias=True)  # what the user set, as they set it
+    settings = {k: v for k, v in given.items() if k in STAGE_SETTINGS and k != "generations"}
+    stages = [{"name": f"generation-{i + 1}", "teacher": cfg.teacher if i == 0 else PREVIOUS,
+               "data": cfg.data.model_dump(), "restart_student": i > 0} for i in range(cfg.generations)]
+    return PipelineConfig.model_validate({
+        "output": cfg.output, "student": cfg.student, "common": settings, "stages": stages, "seed": cfg.seed,
+        "device": cfg.device, "precision": cfg.precision, "resume": cfg.resume, "overwrite": cfg.overwrite,
+        "keep_going": keep_going})
 
 
 def run_pipeline(p: PipelineConfig) -> dict[str, Any]:

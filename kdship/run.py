@@ -80,7 +80,8 @@ def load_run_data(cfg: RunConfig, tokenizer: Any, label_names: list[str] | None,
         data_names = label_names_from_data(train_table.raw_labels)
         if label_names is not None and len(data_names) > len(label_names):
             raise ModelError(f"the model has {len(label_names)} labels but {train_table.source} has "
-                             f"{len(data_names)}; use a model trained on the same labels")
+                             f"{len(data_names)}; use a model trained on the same labels (to distil from a teacher of "
+                             "another task: kdship distill --cross-task)")
         label_names = label_names or data_names
     encode = lambda t: tokenize(tokenizer, t, max_length,  # noqa: E731
                                 encode_labels(t.raw_labels, label_names, t.source) if labelled else None,

@@ -16,7 +16,7 @@ from kdship.models import (build_model, config_from_spec, load_config, load_toke
 from kdship.run import RunData, evaluation_for, load_run_data, mlm_collator_for, training_run, training_summary, \
     write_output
 from kdship.runtime import Runtime
-from kdship.techniques import (TechniqueContext, build_techniques, draw_size_for, technique_memory,
+from kdship.techniques import (TechniqueContext, build_techniques, draw_size_for, technique_batches, technique_memory,
                                technique_records, wrap_step)
 from kdship.data import load_table
 from kdship.tokenizer import train_wordpiece
@@ -39,7 +39,8 @@ def _train(cfg: TrainConfig, runtime: Runtime, run_dir: Path) -> dict[str, Any]:
     evaluation = evaluation_for(cfg, model, tokenizer, data, runtime, collator)
     trainee = Trainee("model", model, metric=evaluation.metric, higher_is_better=evaluation.higher_is_better)
     total, _ = total_steps_for(cfg, len(data.train.features), runtime.world, draw_size_for(cfg))
-    techniques = build_techniques(TechniqueContext(cfg, trainee, tokenizer, data.train, runtime, total))
+    techniques = build_techniques(TechniqueContext(cfg, [trainee], tokenizer, data.train, runtime, total,
+                                                   draw_size_for(cfg), label_names=data.label_names))
     # a bi-encoder's pooler gets no gradient, nor does a technique's head once its phase is over
     trainee.distribute(runtime, cfg.sharding, all_used=cfg.objective != "match" and not trainee.heads)
 
@@ -47,10 +48,10 @@ def _train(cfg: TrainConfig, runtime: Runtime, run_dir: Path) -> dict[str, Any]:
         forward = trainee(x.tensors, x.outputs)
         loss = forward.output.loss
         trainee.trace.add(loss.detach())
-        return StepResult(loss, {"loss": loss.detach()}, len(x.indices), forward.output, forward.heads)
+        return StepResult(loss, {"loss": loss.detach()}, len(x.indices), {trainee.name: forward})
 
     plan = TrainingPlan(wrap_step(step, techniques), evaluation.run, [trainee], technique_memory(techniques),
-                        draw_size_for(cfg))
+                        draw_size_for(cfg), technique_batches(techniques))
     state = fit(cfg, plan, data.train, tokenizer, run_dir, runtime, collator, "train", data.record())
     record = {"command": "train", "config": to_record(cfg), "data": data.record(), "device": str(runtime.device),
               "model": {"source": cfg.model or cfg.init, "parameters": trainee.parameter_count()},

@@ -87,7 +87,7 @@ def test_reverse_wrapper_mixes_the_small_models_kd_and_hidden_matching_into_the_
     from kdship.config import ReverseConfig
     from kdship.loop import StepInput, StepResult
     from kdship.techniques.reverse import HEAD
-    from kdship.trainee import TrainedModule
+    from kdship.trainee import Forward, TrainedModule
 
     small, large = _tiny_biencoder(1, 16).eval(), _tiny_biencoder(2, 32).eval()  # eval: no dropout noise
     settings = ReverseConfig.model_validate({"from": "small", "steps": 4, "hidden_weight": 1.0})
@@ -100,7 +100,7 @@ def test_reverse_wrapper_mixes_the_small_models_kd_and_hidden_matching_into_the_
     def step(x: StepInput) -> StepResult:
         asked.append(x.outputs)
         out, heads = trained(x.tensors, x.outputs)
-        return StepResult(out.loss, {"loss": out.loss.detach()}, len(x.indices), out, heads)
+        return StepResult(out.loss, {"loss": out.loss.detach()}, len(x.indices), {"model": Forward(out, heads)})
 
     wrapped = reverse.wrap(step)
     batch = _batch()

@@ -207,7 +207,8 @@ def serve(cfg: ServeConfig) -> None:
 
     from kdship.serve.model import load_served_model
 
-    model = load_served_model(cfg.artifact, cfg.backend, cfg.variant, cfg.threads, cfg.verify)
+    model = load_served_model(cfg.artifact, cfg.backend, cfg.variant, cfg.threads, cfg.verify, cfg.exit_threshold,
+                              cfg.exit_criterion)
     port = _check_port_free(cfg.host, cfg.port)
     app = create_app(model, cfg)
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host  # an IPv6 address in a URL goes in brackets

@@ -28,8 +28,10 @@ class ServedModel:
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="np")
         logits = self.runner({n: enc[n].astype(np.int64) for n in self.input_names})
         probs = _softmax(logits.astype(np.float64))
+        exits = getattr(self.runner, "last_exits", None)  # an early-exit runner: the layer each text stopped at
         return [{"label": self.label_names[int(p.argmax())], "label_id": int(p.argmax()),
-                 "probabilities": {name: float(v) for name, v in zip(self.label_names, p)}} for p in probs]
+                 "probabilities": {name: float(v) for name, v in zip(self.label_names, p)},
+                 **({"exit_layer": int(exits[i])} if exits is not None else {})} for i, p in enumerate(probs)]
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -37,8 +39,9 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-def load_served_model(folder: str | Path, backend: str, variant: str | None = None,
-                      threads: int | None = None, verify: bool = True) -> ServedModel:
+def load_served_model(folder: str | Path, backend: str, variant: str | None = None, threads: int | None = None,
+                      verify: bool = True, exit_threshold: float | None = None,
+                      exit_criterion: str = "confidence") -> ServedModel:
     """An artifact made by `kdship export` (or, for the torch backends, a model folder)."""
     from transformers import AutoConfig
 
@@ -54,10 +57,16 @@ def load_served_model(folder: str | Path, backend: str, variant: str | None = No
         raise ModelError(f"{folder} holds no label names (config.json id2label); export a classifier")
     tokenizer = load_tokenizer(str(folder), "artifact")
     max_length = max_tokens(manifest.get("max_length") or _trained_max_length(folder) or 128, config)
+    if exit_threshold is None:
+        runner = chosen.load(path, threads)
+    else:
+        from kdship.early_exit import ExitRunner
+
+        runner = ExitRunner(ExitRunner.load_model(path, threads), exit_threshold, exit_criterion)
     return ServedModel(name=folder.name, tokenizer=tokenizer,
                        label_names=[str(config.id2label[i]) for i in range(len(config.id2label))],
                        input_names=input_names_for(tokenizer, config), max_length=int(max_length),
-                       runner=chosen.load(path, threads), manifest=manifest, file=path)
+                       runner=runner, manifest=manifest, file=path)
 
 
 def _trained_max_length(folder: Path) -> int | None:

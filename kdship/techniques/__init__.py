@@ -1,12 +1,13 @@
 """Techniques that compose around the training step. Each is a plain object built from its own config section
-(`selection:`, `reverse:`): it wraps the step (`wrap(step) -> step`), says what it keeps across a resume
-(`memory()`) and what the run's record says of it (`record()`). The commands apply the configured ones in a loop
-and contain no technique-specific branch; adding one is an entry in TECHNIQUES."""
+(`selection:`, `reverse:`, `ema:`, ...): it wraps the step (`wrap(step) -> step`), may order what the loop draws
+(`batches()`), says what it keeps across a resume (`memory()`) and what the run's record says of it (`record()`).
+The commands apply the configured ones in a loop and contain no technique-specific branch; adding one is a
+module with a TechniqueDef and an entry in the registry below."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 from torch import nn
 
@@ -17,24 +18,41 @@ from kdship.runtime import Runtime
 from kdship.trainee import Trainee
 
 
-class Technique(Protocol):
-    def wrap(self, step: Step) -> Step: ...
+class Technique:
+    """What a technique may change; each says only what it does (the defaults change nothing)."""
 
-    def memory(self) -> dict[str, nn.Module]: ...  # not trained, checkpointed per process
+    def wrap(self, step: Step) -> Step:
+        return step
 
-    def record(self, runtime: Runtime) -> dict[str, Any]: ...  # called by every process
+    def batches(self) -> Callable[[int], list[list[int]]] | None:
+        """epoch -> its global batches, when the technique decides what the loop draws."""
+        return None
+
+    def memory(self) -> dict[str, nn.Module]:  # not trained, checkpointed per process
+        return {}
+
+    def record(self, runtime: Runtime) -> dict[str, Any]:  # called by every process
+        return {}
 
 
 @dataclass
 class TechniqueContext:
-    """What a technique is built from: the run's config, the model it acts on, the data and the processes."""
+    """What a technique is built from: the run's config, the models it acts on, the data and the processes."""
 
     cfg: RunConfig
-    target: Trainee  # not yet distributed: a technique may add heads that train with it
+    trainees: list[Trainee]  # not yet distributed: a technique may add heads, or exits, that train with them
     tokenizer: Any
     train: Any  # kdship.data.Encoded
     runtime: Runtime
     total_steps: int
+    draw_size: int = 0  # examples each process draws per micro-batch
+    teacher: Any = None  # kdship.distill.Teacher, in a distillation
+    label_names: list[str] | None = None
+
+    @property
+    def target(self) -> Trainee:
+        """The trained model of a technique that acts on one (kdship train's, or the first student)."""
+        return self.trainees[0]
 
 
 @dataclass
@@ -49,11 +67,19 @@ class TechniqueDef:
 
 
 def _registry() -> dict[str, TechniqueDef]:
+    from kdship.techniques.cross_task import CROSS_TASK
+    from kdship.techniques.curriculum import CURRICULUM
+    from kdship.techniques.early_exit import EARLY_EXIT
+    from kdship.techniques.ema import EMA
+    from kdship.techniques.peers import PEERS
     from kdship.techniques.reverse import REVERSE
     from kdship.techniques.selection import SELECTION
+    from kdship.techniques.virtual_teacher import VIRTUAL_TEACHER
 
-    # wrapped in this order, so the last is outermost: selection picks the rows before reverse distillation runs
-    return {t.name: t for t in (REVERSE, SELECTION)}
+    # wrapped in this order, so the last is outermost: selection picks the rows before anything else runs, and the
+    # virtual teacher's (1 - alpha) scales the step's own loss only
+    order = (VIRTUAL_TEACHER, REVERSE, EARLY_EXIT, PEERS, EMA, CROSS_TASK, CURRICULUM, SELECTION)
+    return {t.name: t for t in order}
 
 
 def configured(cfg: RunConfig) -> list[tuple[TechniqueDef, Any]]:
@@ -84,6 +110,14 @@ def wrap_step(step: Step, techniques: list[Technique]) -> Step:
     for technique in techniques:
         step = technique.wrap(step)
     return step
+
+
+def technique_batches(techniques: list[Technique]) -> Callable[[int], list[list[int]]] | None:
+    """The one technique's order of batches, if one decides it."""
+    orders = [order for t in techniques if (order := t.batches()) is not None]
+    if len(orders) > 1:
+        raise ConfigError("two techniques both decide the order of the data; configure only one of them")
+    return orders[0] if orders else None
 
 
 def technique_memory(techniques: list[Technique]) -> dict[str, nn.Module]:

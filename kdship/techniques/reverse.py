@@ -17,9 +17,9 @@ from kdship.errors import ConfigError
 from kdship.loop import Step, StepInput, StepResult
 from kdship.losses import LossInputs, get_loss, hidden_mse
 from kdship.runtime import Runtime
-from kdship.techniques import TechniqueContext, TechniqueDef
+from kdship.techniques import Technique, TechniqueContext, TechniqueDef
 from kdship.techniques.small_model import load_small_model
-from kdship.trainee import HiddenProjection
+from kdship.trainee import Forward, HiddenProjection
 
 SCHEDULES = ("linear", "cosine", "step")
 
@@ -47,12 +47,12 @@ def layer_pairs(large_layers: int, small_layers: int) -> list[tuple[int, int]]:
 HEAD = "reverse"  # the trained model's head that maps its hidden states to the small model's width
 
 
-class ReverseDistillation:
+class ReverseDistillation(Technique):
     """The small model's say in the trained model's loss: (1 - α_t)·loss + α_t·(KD on logits + w·hidden MSE
     through learned projections), wrapped around the step."""
 
-    def __init__(self, small: nn.Module, large_config: Any, settings: ReverseConfig):
-        self.small, self.settings = small, settings
+    def __init__(self, small: nn.Module, large_config: Any, settings: ReverseConfig, target: str = "model"):
+        self.small, self.settings, self.target = small, settings, target
         self.pairs = layer_pairs(large_config.num_hidden_layers, small.config.num_hidden_layers)
 
     def head(self, large_config: Any) -> HiddenProjection | None:
@@ -71,28 +71,25 @@ class ReverseDistillation:
             if alpha == 0:  # after the warm-up the small model is not run at all
                 return step(x)
             result = step(x.asking(HEAD) if self.settings.hidden_weight else x)
-            distill, logs = self.distill_loss(result, x.tensors)
+            distill, logs = self.distill_loss(result.forwards[self.target], x.tensors)
             return result.with_loss((1 - alpha) * result.loss + alpha * distill, {"alpha": alpha, **logs})
 
         return reverse_step
 
-    def distill_loss(self, result: StepResult, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
+    def distill_loss(self, forward: Forward, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
         """KD from the small model (and hidden matching), and what to log."""
         s = self.settings
         with torch.no_grad():
             small = self.small(**model_inputs(batch), output_hidden_states=s.hidden_weight > 0)
-        logits = result.output.logits
+        logits = forward.output.logits
         distill = get_loss("kd").fn(LossInputs(student_logits=logits, teacher_logits=small.logits,
                                                labels=targets(batch, logits), temperature=s.temperature))
         logs = {"reverse_kd": distill.detach()}
         if s.hidden_weight:
-            hidden = hidden_mse(result.heads[HEAD], [small.hidden_states[j] for _, j in self.pairs], token_mask(batch))
+            hidden = hidden_mse(forward.heads[HEAD], [small.hidden_states[j] for _, j in self.pairs], token_mask(batch))
             distill = distill + s.hidden_weight * hidden
             logs["reverse_hidden"] = hidden.detach()
         return distill, logs
-
-    def memory(self) -> dict[str, nn.Module]:
-        return {}
 
     def record(self, runtime: Runtime) -> dict[str, Any]:
         return {"reverse": {**to_record(self.settings), "layer_pairs": self.pairs}}
@@ -105,7 +102,7 @@ def build_reverse(settings: ReverseConfig, context: TechniqueContext) -> Reverse
     large = context.target.model
     small = load_small_model(settings.from_, "small model", context.cfg, context.tokenizer, large,
                              context.runtime.device)
-    technique = ReverseDistillation(small, large.config, settings)
+    technique = ReverseDistillation(small, large.config, settings, context.target.name)
     head = technique.head(large.config)
     if head is not None:
         context.target.heads[HEAD] = head

@@ -16,7 +16,7 @@ from kdship.config import SelectionConfig
 from kdship.data import model_inputs, targets
 from kdship.loop import Step, StepInput, StepResult
 from kdship.runtime import Runtime
-from kdship.techniques import TechniqueContext, TechniqueDef
+from kdship.techniques import Technique, TechniqueContext, TechniqueDef
 
 
 def per_example_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -134,7 +134,7 @@ class Selector:
                 "mean_value_rejected": s["value_rejected_sum"] / rejected if rejected else None}
 
 
-class SampleSelection:
+class SampleSelection(Technique):
     """The technique around the step: the selector picks the rows of each over-sampled batch that get the step."""
 
     def __init__(self, selector: Selector, settings: SelectionConfig, candidates: int):
