@@ -114,9 +114,10 @@ def augment(cfg: AugmentConfig) -> dict[str, Any]:
         raise ConfigError(f"output {out} is a folder; give the .tsv file to write")
     device = pick_device(cfg.device)
     mlm_config, teacher_config = load_config(cfg.model, "masked-LM"), load_config(cfg.teacher, "teacher")
-    if not is_mlm(mlm_config):
+    if cfg.method == "mlm" and not is_mlm(mlm_config):
         raise ModelError(f"--model {cfg.model} has no masked-LM head, so it cannot predict words; give a masked-LM "
-                         "(e.g. one made with kdship train --objective mlm, or bert-base-uncased)")
+                         "(e.g. one made with kdship train --objective mlm, or bert-base-uncased), or use --method "
+                         "embedding (neighbours in any encoder's input embeddings)")
     label_names = label_names_of(teacher_config)
     if label_names is None:
         raise ModelError(f"--teacher {cfg.teacher} is not a classifier, so it cannot label the new sentences; give "
@@ -124,7 +125,8 @@ def augment(cfg: AugmentConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model, "masked-LM")
     teacher_tokenizer = load_tokenizer(cfg.teacher, "teacher")
     table = load_table(cfg.data.train, cfg.data.text_columns, None, cfg.data.max_train_samples)
-    mlm = build_model("mlm", source=cfg.model).to(device).eval()
+    # embedding neighbours need only the input embeddings, which any encoder has (read here through a classifier)
+    mlm = build_model("mlm" if cfg.method == "mlm" else "classify", source=cfg.model).to(device).eval()
     substitutes = WordSubstitutes(mlm, tokenizer, cfg.top_k, cfg.method, device)
     rng = random.Random(cfg.seed)
     started = time.perf_counter()

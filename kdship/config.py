@@ -411,7 +411,8 @@ class DistillConfig(RunConfig):
 class AugmentConfig(Strict):
     """`kdship augment`: TinyBERT-style data augmentation, labelled by the teacher."""
 
-    model: str = Field(description="the masked-LM that proposes words (folder or hub id)")
+    model: str = Field(description="the masked-LM that proposes words (method embedding: any encoder, whose input "
+                                   "embeddings give the neighbours)")
     teacher: str = Field(description="the classifier that labels every sentence (the teacher you will distil from)")
     data: DataConfig = DataConfig()
     output: str = Field(description="the .tsv to write (its settings go beside it, in <file>.kdship.json)")

@@ -229,6 +229,51 @@ def bench_table(bench: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]
                    "speedup (95% interval)", "settled"], rows
 
 
+def exit_items(bench: dict[str, Any]) -> list[Any]:
+    """Per model with early exits: a table of the accuracy at each threshold with where rows stop, the latency
+    measured there, and the accuracy/latency curve (latency at batch 1, the shortest sequence, of this bench)."""
+    items: list[Any] = []
+    for name, curve in bench.get("early_exit", {}).items():
+        if "curve" not in curve:
+            continue
+        rows = [r for r in bench["results"] if r["model"].split("@")[0] == name]
+        point = min(rows, key=lambda r: (r["batch"], r["seq"]))
+        at = {r.get("exit_threshold"): r for r in rows if (r["batch"], r["seq"]) == (point["batch"], point["seq"])}
+        table = [[f"{p['threshold']:g}", f"{p['accuracy']:.4f}", f"{p['mean_exit_layer']:.2f}",
+                  f"{p['layers_saved']:.0%}", _fmt(at.get(p["threshold"], {}).get("p50_ms")),
+                  " ".join(f"{k}:{v:.0%}" for k, v in p["exit_distribution"].items())] for p in curve["curve"]]
+        table.append(["all layers", f"{curve['final_accuracy']:.4f}", str(curve["num_layers"]), "0%",
+                      _fmt(at.get(None, {}).get("p50_ms")), ""])
+        where = f"{point['backend']} batch {point['batch']} seq {point['seq']}"
+        items.append((f"{name}: early exit ({curve['criterion']}, {curve['n']} eval rows; latency: {where})",
+                      ["threshold", "accuracy", "mean exit layer", "layers saved", "p50 ms", "stops per layer"],
+                      table))
+        measured = [(at[p["threshold"]]["p50_ms"], p["accuracy"], f"{p['threshold']:g}") for p in curve["curve"]
+                    if p["threshold"] in at]
+        if measured:
+            items.append(("plot", f"early_exit_{name}", exit_plot(name, measured, at.get(None), curve, where)))
+    return items
+
+
+def exit_plot(name: str, measured: list[tuple[float, float, str]], full: dict[str, Any] | None,
+              curve: dict[str, Any], where: str) -> bytes:
+    fig, ax = _figure()
+    ax.plot([m[0] for m in measured], [m[1] for m in measured], marker="o", label="early exit")
+    for latency, accuracy, threshold in measured:
+        ax.annotate(threshold, (latency, accuracy), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if full is not None:
+        ax.scatter([full["p50_ms"]], [curve["final_accuracy"]], marker="s", color="black", label="all layers")
+    low = min([m[1] for m in measured] + [curve["final_accuracy"]])
+    ax.set_ylim(top=max(low + MIN_ACCURACY_SPAN, max([m[1] for m in measured] + [curve["final_accuracy"]])) + 0.005,
+                bottom=low - 0.005)
+    ax.set_xlabel(f"p50 latency (ms), {where}")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{name}: accuracy vs latency by exit threshold")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
 def model_table(runs: Runs) -> tuple[str, list[str], list[list[str]]]:
     rows = []
     for folder, r in runs.models.items():
@@ -280,6 +325,7 @@ def build_sections(runs: Runs) -> list[tuple[str, list[Any]]]:
     for folder, bench in runs.benches.items():
         items: list[Any] = [bench_table(bench)]
         items += [("plot", name, png) for name, png in bench_plots(bench).items()]
+        items += exit_items(bench)
         sections.append((f"Speed: {Path(folder).name}", items))
     points = pareto_points(runs)
     if len(points) >= 2:

@@ -60,13 +60,15 @@ def test_every_shipped_recipe_is_valid(recipe, tmp_path):
     elif recipe.name in TRAIN_RECIPES:
         assert build_config(TrainConfig, recipe, **TRAIN_RECIPES[recipe.name])
     else:
-        assert build_config(DistillConfig, recipe).losses
+        assert build_config(DistillConfig, recipe, **DISTILL_RECIPES.get(recipe.name, {})).losses
 
 
 # kdship train recipes, with the flags their usage line gives on the command line
 TRAIN_RECIPES = {"reverse_warmup.yaml": {"init": "bert:layers=2", "reverse": {"from": "runs/small-mlm"}},
                  "reverse_warmup_match.yaml": {"init": "bert:layers=2", "reverse": {"from": "runs/small-match"}},
-                 "sample_value.yaml": {"model": "runs/large-base", "selection": {"by": "runs/small-sst2"}}}
+                 "sample_value.yaml": {"model": "runs/large-base", "selection": {"by": "runs/small-sst2"}},
+                 "mean_teacher.yaml": {"model": "runs/model"}, "virtual_teacher.yaml": {"model": "runs/model"}}
+DISTILL_RECIPES = {"mutual_learning.yaml": {"students": ["4L312", "6L384"]}}
 
 
 def test_technique_settings_are_nested_and_old_flat_recipes_keep_loading(tmp_path):

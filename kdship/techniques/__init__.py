@@ -128,5 +128,18 @@ def technique_records(techniques: list[Technique], runtime: Runtime) -> dict[str
     return {k: v for t in techniques for k, v in t.record(runtime).items()}
 
 
+# Families that change what a run is rather than its step: a setting of the distill config, or a command of their own.
+OTHER_FAMILIES = {
+    "teachers": "several teachers of one task, combined per batch by mean, weights or per-example confidence "
+                "(setting teachers:, teacher_weighting:)",
+    "generations": "born-again networks: each generation a fresh student taught by the one before (setting "
+                   "generations:, Furlanello et al. 2018)",
+    "train_layers": "stage-wise progressive: a pipeline's stages distil groups of layers shallow to deep, finished "
+                    "groups frozen (stage setting train_layers:)",
+    "augment": "TinyBERT's data augmentation: words replaced by a masked-LM's predictions or embedding neighbours, "
+               "labelled by the teacher (command kdship augment, Jiao et al. 2020)",
+}
+
+
 def summaries() -> dict[str, str]:
-    return {name: t.summary for name, t in _registry().items()}
+    return {name: t.summary for name, t in _registry().items()} | OTHER_FAMILIES
