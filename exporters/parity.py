@@ -93,7 +93,8 @@ def check_exits(exporter: Exporter, path: Path, cases: dict[str, dict[str, np.nd
         agree.append(float((got.argmax(-1) == reference[name].argmax(-1)).mean()))
     result = {"max_abs": max(diffs), "agreement": min(agree)}
     bound = exporter.tolerance.max_abs
-    result["passed"] = (result["max_abs"] <= bound) if bound is not None else result["agreement"] >= 0.9
+    result["passed"] = ((result["max_abs"] <= bound) if bound is not None else
+                        result["agreement"] >= exporter.tolerance.min_agreement)
     return result
 
 

@@ -96,6 +96,17 @@ def augmented_copies(words: list[str], candidates: list[list[str]], copies: int,
     return made
 
 
+def _tokenizer_kind(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return type(backend.model).__name__ if backend is not None else type(tokenizer).__name__
+
+
+def _word_piece(tokenizer: Any) -> bool:
+    """Whether the vocabulary is WordPiece (whole words, continuations marked ##) behind a fast tokenizer (whose
+    word_ids say which tokens make each word)."""
+    return getattr(tokenizer, "is_fast", False) and _tokenizer_kind(tokenizer) == "WordPiece"
+
+
 def _clean(text: str) -> str:
     return " ".join(str(text).split())  # one line, no tabs: the TSV stays one example per line
 
@@ -123,6 +134,10 @@ def augment(cfg: AugmentConfig) -> dict[str, Any]:
         raise ModelError(f"--teacher {cfg.teacher} is not a classifier, so it cannot label the new sentences; give "
                          "the fine-tuned teacher you will distill from")
     tokenizer = load_tokenizer(cfg.model, "masked-LM")
+    if not _word_piece(tokenizer):
+        raise ModelError(f"--model {cfg.model} has a {_tokenizer_kind(tokenizer)} vocabulary; kdship augment reads "
+                         "whole words and their ##pieces as BERT's WordPiece writes them: give a WordPiece (BERT-family) "
+                         "model")
     teacher_tokenizer = load_tokenizer(cfg.teacher, "teacher")
     table = load_table(cfg.data.train, cfg.data.text_columns, None, cfg.data.max_train_samples)
     # embedding neighbours need only the input embeddings, which any encoder has (read here through a classifier)

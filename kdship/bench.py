@@ -169,9 +169,11 @@ def bench_backend(backend_name: str, models: list[tuple[Path, Path]], inputs: di
         before = rss_mb()
         runners[folder.name] = backend.load(path, cfg.threads)
         measured.append((folder.name, folder, path, None))
-        for threshold in _exit_thresholds(folder, cfg):  # the same model, stopping rows at their first sure exit
+        thresholds = _exit_thresholds(folder, cfg)
+        exits_model = ExitRunner.load_model(path, cfg.threads) if thresholds else None  # one copy for all thresholds
+        for threshold in thresholds:  # the same model, stopping rows at their first sure exit
             name = f"{folder.name}@exit{threshold:g}"
-            runners[name] = ExitRunner(ExitRunner.load_model(path, cfg.threads), threshold, cfg.exit_criterion)
+            runners[name] = ExitRunner(exits_model, threshold, cfg.exit_criterion)
             measured.append((name, folder, path, threshold))
         loaded_mb[folder.name] = rss_mb() - before
     rows = []
@@ -222,15 +224,15 @@ def _exit_curve_on(folder: Path, source: str, cfg: BenchConfig) -> dict[str, Any
     from kdship.models import load_tokenizer, max_tokens
 
     record = read_record(folder) or {}
-    columns = record.get("config", {}).get("data", {}).get("text_columns")
+    data = record.get("config", {}).get("data", {})
     model = ExitRunner.load_model(folder, cfg.threads)
-    try:
-        table = load_table(source, columns, record.get("config", {}).get("data", {}).get("label_column", "label"),
-                           512)
+    try:  # the whole eval set at the length the model was trained on: what eval and serve see, not the bench's shape
+        table = load_table(source, data.get("text_columns"), data.get("label_column", "label"))
     except DataError:
         return {"not_measured": f"{source} has no labels"}
     tokenizer = load_tokenizer(str(folder), "model")
-    encoded = tokenize(tokenizer, table, max_tokens(max(cfg.seq), model.config), None)
+    length = record.get("data", {}).get("max_length") or data.get("max_length") or 128
+    encoded = tokenize(tokenizer, table, max_tokens(length, model.config), None)
     labels = torch.tensor(encode_labels(table.raw_labels, [str(model.config.id2label[i]) for i in
                                                            range(model.config.num_labels)], table.source))
     device = next(model.parameters()).device

@@ -5,6 +5,7 @@ checkpoints are kdship.loop's; techniques wrap the step."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from kdship.data import model_inputs, targets, token_mask
 from kdship.errors import ConfigError, ModelError
 from kdship.loop import LoopState, Step, StepInput, StepResult, TrainingPlan, fit, total_steps_for
 from kdship.losses import LossInputs, WeightedLoss, get_loss
-from kdship.models import (LAYER_KEY, build_model, check_tokenizers_match, check_vocab_compatible, config_from_spec,
+from kdship.models import (build_model, check_tokenizers_match, check_vocab_compatible, config_from_spec,
                            expand_shorthand, init_from_teacher, is_mlm, is_shape_spec, label_names_of, load_config,
                            load_tokenizer, max_tokens, relation_heads, task_label_names, under_weights_policy,
                            uniform_layer_map)
@@ -37,6 +38,7 @@ from kdship.trainee import ATTENTIONS, HIDDEN, QKV, Forward, HiddenProjection, T
 # steps; weights that already encode language are fine-tuned at the usual 1e-4
 PRETRAINED_LR, RANDOM_INIT_LR = 1e-4, 5e-4
 PROJECTIONS = "projections"  # a student's head mapping its hidden states to the teacher's width
+LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|block)\.(\d+)\.")  # a transformer layer's parameters, by family
 
 
 def _teacher_config(cfg: DistillConfig, source: str | None = None) -> Any:
@@ -166,7 +168,7 @@ def _student(cfg: DistillConfig, name: str, source: str, config: Any, head: str,
             raise ModelError(f"student {source} has {len(names)} labels but the run has {len(label_names)}; use a "
                              "student without a classification head, or one trained on the same labels")
         student = build_model(head, source=source, label_names=label_names, attn_eager=eager,
-                              match_loss=cfg.match_loss)
+                              match_loss=cfg.match_loss, keep_exits=cfg.early_exit is not None)
     layer_map = (_layer_map(cfg, student.config.num_hidden_layers, ref.config.num_hidden_layers) if ref.teacher
                  else None)
     copied = init_from_teacher(student, teacher, layer_map) if teacher is not None and _copies_teacher_layers(
@@ -288,7 +290,7 @@ def freeze_other_layers(model: nn.Module, layers: list[int]) -> int:
     trainable. Returns how many tensors were frozen."""
     frozen = 0
     for name, parameter in model.named_parameters():
-        match = LAYER_KEY.search(f".{name}")
+        match = LAYER_INDEX.search(f".{name}")
         layer = int(match.group(1)) + 1 if match else (0 if "embeddings" in name else None)
         if layer is not None and layer not in layers:
             parameter.requires_grad_(False)
@@ -314,7 +316,9 @@ def _evaluation(cfg: DistillConfig, trainees: list[Trainee], teacher: Teacher, t
         if not labelled:
             return evaluations[t.name].run()
         if not teacher_top:
-            readable = teacher.models and (teacher.label_names is not None or teacher.label_map is not None)
+            # (a cross-task teacher speaks this task's labels only through its map)
+            readable = teacher.models and (teacher.label_map is not None if cfg.cross_task else
+                                           teacher.label_names is not None)
             teacher_top.append(teacher.predict(data.eval, cfg.eval_batch_size, runtime).argmax(-1).cpu()
                                if readable else None)
         top = predict_everywhere(t.model, tokenizer, data.eval, cfg.eval_batch_size, runtime).argmax(-1).cpu()

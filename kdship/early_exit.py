@@ -186,6 +186,8 @@ def check_exit_layers(layers: list[int], model_layers: int) -> list[int]:
     """Exit layers as given, or every layer below the last; each must lie in 1..layers-1, once."""
     chosen = sorted(set(layers or range(1, model_layers)))
     bad = [layer for layer in chosen if not 1 <= layer < model_layers]
+    if not chosen:
+        raise ValueError(f"a {model_layers}-layer student has no layer below its last for an exit; give it more layers")
     if bad or len(chosen) != len(layers or chosen):
         raise ValueError(f"exit layers {layers} must be distinct layers in 1..{model_layers - 1} of this "
                          f"{model_layers}-layer student (the last layer has the final classifier)")
@@ -225,7 +227,7 @@ class ExitRunner:
 
         if threads:
             torch.set_num_threads(threads)
-        model = build_model("classify", str(folder))
+        model = build_model("classify", str(folder), keep_exits=True)
         if not isinstance(model, EarlyExitModel):
             raise ConfigError(f"{folder} has no early exits, so --exit-threshold cannot apply; distil or train it with "
                               "--exits (early_exit:) first")

@@ -147,11 +147,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     outputs = {}
     for role, source in models.items():
         # in-batch models are read by their encoder alone (a teacher's pair head, if any, is not used)
-        model = build_model(objective, source, match_loss=None if names else "in_batch").to(device)
+        model = build_model(objective, source, match_loss=None if names else "in_batch", keep_exits=True).to(device)
         if names:
             outputs[role] = predict_logits(model, tokenizer, encoded, cfg.batch_size, device)
-            metrics = classification_metrics(outputs[role], labels, names, cfg.ece_bins) | _exits(
-                model, tokenizer, encoded, labels, cfg, device)
+            metrics = classification_metrics(outputs[role], labels, names, cfg.ece_bins) | (
+                _exits(model, tokenizer, encoded, labels, cfg, device) if role == "student" else {})
         else:  # the similarity matrix: its rows' top choices give the agreement
             outputs[role] = similarities(*embed_pairs(model, tokenizer, encoded, cfg.batch_size, device))
             metrics = {**ranking_metrics(outputs[role]), "n": len(encoded.features)}
@@ -170,8 +170,11 @@ def _exits(model: Any, tokenizer: Any, encoded: Encoded, labels: torch.Tensor, c
            device: torch.device) -> dict[str, Any]:
     """For a model with early exits: each exit's accuracy and, at each threshold, accuracy and where rows stop."""
     from kdship.early_exit import DEFAULT_THRESHOLDS, EarlyExitModel, exit_curve
+    from kdship.errors import ConfigError
 
     if not isinstance(model, EarlyExitModel):
+        if cfg.exit_thresholds:
+            raise ConfigError(f"--exit-threshold: {cfg.student} has no early exits; evaluate a model made with --exits")
         return {}
     batches, order = [], []
     for indices, batch in iterate_batches(tokenizer, encoded, cfg.batch_size):

@@ -35,7 +35,7 @@ def _student(cfg: ExportConfig) -> tuple[Any, Any, dict[str, Any]]:
         raise ModelError(f"{cfg.student} is not a classifier (no trained classification head); export a model "
                          "made by `kdship train` or `kdship distill`")
     record = read_record(Path(cfg.student)) or {}
-    return build_model("classify", cfg.student).eval(), load_tokenizer(cfg.student, "student"), record
+    return build_model("classify", cfg.student, keep_exits=True).eval(), load_tokenizer(cfg.student, "student"), record
 
 
 def _data_source(explicit: str | None, record: dict[str, Any], folder: str, *keys: str) -> str | None:

@@ -198,7 +198,7 @@ def _weights_kwargs(source: str) -> dict[str, Any]:
 
 
 def build_model(objective: str, source: str | None = None, config: Any = None, label_names: list[str] | None = None,
-                attn_eager: bool = False, match_loss: str | None = None) -> Any:
+                attn_eager: bool = False, match_loss: str | None = None, keep_exits: bool = False) -> Any:
     """A classifier (objective 'classify'), masked-LM, or bi-encoder ('match', see kdship.biencoder) from a
     folder/hub id (`source`) or a fresh `config`. For a bi-encoder, `match_loss` in_batch drops a saved
     pair-classification head (the encoder alone scores pairs), classify keeps it, None takes what was saved."""
@@ -228,7 +228,7 @@ def build_model(objective: str, source: str | None = None, config: Any = None, l
         model.config.architectures = [type(model).__name__]
         if hasattr(model.config, SETTINGS_KEY):  # a classifier or MLM made from a bi-encoder is no bi-encoder
             delattr(model.config, SETTINGS_KEY)
-        return _with_saved_exits(model, objective, source)
+        return _with_saved_exits(model, objective, source, keep_exits)
     except OSError as e:  # a folder with config.json but no (or unreadable) weights
         first = str(e).strip().splitlines()[0]
         raise ModelError(f"{source}: weights could not be loaded ({first}); check the folder holds model.safetensors")
@@ -247,15 +247,17 @@ def build_model(objective: str, source: str | None = None, config: Any = None, l
                          "copy it again or re-create the model") from None
 
 
-def _with_saved_exits(model: Any, objective: str, source: str | None) -> Any:
-    """A classifier saved with early exits comes back with them (their trained heads included); any other kind of
-    model made from it has none."""
+def _with_saved_exits(model: Any, objective: str, source: str | None, keep: bool) -> Any:
+    """A classifier saved with early exits comes back with them (their trained heads included) when `keep`: for
+    what reads the exits (eval, export, early-exit inference) or trains them; everywhere else (a teacher, a plain
+    runner, a student trained without exits) it is the plain classifier, whose exits would run for nothing or,
+    untrained, ship stale."""
     from kdship.early_exit import SETTINGS_KEY as EXITS, early_exit_settings, with_exit_heads
 
     settings = early_exit_settings(model.config)
     if settings is None:
         return model
-    if objective != "classify" or source is None:
+    if objective != "classify" or source is None or not keep:
         delattr(model.config, EXITS)
         return model
     return with_exit_heads(model, settings["layers"], source)

@@ -106,6 +106,9 @@ def resolve(p: PipelineConfig) -> list[Stage]:
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'stage'}: {err['msg']}" for err in e.errors())
             raise ConfigError(f"stage {spec.name!r}: {problems}") from None
+        if cfg.generations > 1:
+            raise ConfigError(f"stage {spec.name!r}: generations (born-again) is a run of its own; write the generations "
+                              "as stages (teacher: previous, restart_student: true) instead")
         changed = [] if not stages else [k for k, v in _element_signature(cfg).items()
                                           if v != _element_signature(stages[-1].config)[k]]
         if len(changed) > 1 and not spec.allow_multi_change:
@@ -183,8 +186,11 @@ def born_again(cfg: DistillConfig, keep_going: bool = False) -> PipelineConfig:
         raise ConfigError("generations (born-again) start from a teacher; pass --teacher DIR_OR_HUB_ID")
     given = cfg.model_dump(mode="json", exclude_unset=True, by_alias=True)  # what the user set, as they set it
     settings = {k: v for k, v in given.items() if k in STAGE_SETTINGS and k != "generations"}
+    # later generations are fresh students: a folder student starts from its folder again, a spec student from
+    # random weights (copying the previous generation's layers would continue it, not start another)
     stages = [{"name": f"generation-{i + 1}", "teacher": cfg.teacher if i == 0 else PREVIOUS,
-               "data": cfg.data.model_dump(), "restart_student": i > 0} for i in range(cfg.generations)]
+               "data": cfg.data.model_dump(), "restart_student": i > 0, **({"init_from_teacher": False} if i else {})}
+              for i in range(cfg.generations)]
     return PipelineConfig.model_validate({
         "output": cfg.output, "student": cfg.student, "common": settings, "stages": stages, "seed": cfg.seed,
         "device": cfg.device, "precision": cfg.precision, "resume": cfg.resume, "overwrite": cfg.overwrite,

@@ -77,7 +77,8 @@ def _tokenizer_for(cfg: TrainConfig, run_dir: Path, runtime: Runtime) -> Any:
 def _build_train_model(cfg: TrainConfig, tokenizer: Any, data: RunData, config: Any) -> nn.Module:
     """The model to train: from cfg.model, or fresh from `config` (the parsed --init spec)."""
     if cfg.model:
-        return build_model(cfg.objective, source=cfg.model, label_names=data.label_names, match_loss=cfg.match_loss)
+        return build_model(cfg.objective, source=cfg.model, label_names=data.label_names, match_loss=cfg.match_loss,
+                           keep_exits=cfg.early_exit is not None)
     if "vocab=" not in cfg.init:
         config.vocab_size = len(tokenizer)
     config.pad_token_id = tokenizer.pad_token_id

@@ -79,10 +79,17 @@ def classifier_config(name: str, variant: dict[str, Any], file: Path, num_labels
     return pb.ModelConfig(
         name=name, platform=PLATFORMS[file.suffix], max_batch_size=cfg.max_batch,
         input=[_tensor(pb, n, DTYPES[spec["dtype"]], [-1]) for n, spec in inputs.items()],
-        output=[_tensor(pb, "logits", "TYPE_FP32", [num_labels])],
+        output=[_tensor(pb, "logits", "TYPE_FP32", [num_labels]), *_exit_output(pb, variant, num_labels)],
         dynamic_batching=pb.ModelDynamicBatching(preferred_batch_size=_preferred_batches(cfg.max_batch),
                                                  max_queue_delay_microseconds=cfg.queue_delay_us),
         instance_group=[pb.ModelInstanceGroup(count=cfg.instances, kind=kind)])
+
+
+def _exit_output(pb: Any, variant: dict[str, Any], num_labels: int) -> list[Any]:
+    """A model with early exits also answers every exit's logits ([exits, labels] per request), for a client or a
+    further ensemble step that decides where each text stops."""
+    exits = (variant.get("outputs") or {}).get("exit_logits")
+    return [_tensor(pb, "exit_logits", "TYPE_FP32", [int(exits["shape"][1]), num_labels])] if exits else []
 
 
 def tokenizer_config(name: str, input_names: list[str], max_length: int, cfg: TritonConfig) -> Any:

@@ -45,8 +45,11 @@ def fit_label_map(teacher_logits: torch.Tensor, labels: torch.Tensor, classes: i
 class CrossTask(Technique):
     """The teacher's logits seen through the fitted map; the step is unchanged."""
 
-    def __init__(self, settings: CrossTaskConfig, facts: dict[str, Any]):
-        self.settings, self.facts = settings, facts
+    def __init__(self, settings: CrossTaskConfig, facts: dict[str, Any], label_map: nn.Module | None = None):
+        self.settings, self.facts, self.label_map = settings, facts, label_map
+
+    def memory(self) -> dict[str, nn.Module]:  # a resumed run maps with the map it started with
+        return {"cross_task_map": self.label_map} if self.label_map is not None else {}
 
     def record(self, runtime: Runtime) -> dict[str, Any]:
         return {"cross_task": {**to_record(self.settings), **self.facts}}
@@ -69,7 +72,7 @@ def build_cross_task(settings: CrossTaskConfig, context: TechniqueContext) -> Cr
                                             settings.map_steps, cfg.seed)
         teacher.label_map = label_map.to(context.runtime.device)
         facts |= {"label_map": "linear", "label_map_train_accuracy": round(accuracy, 4)}
-    return CrossTask(settings, facts)
+    return CrossTask(settings, facts, teacher.label_map)
 
 
 CROSS_TASK = TechniqueDef("cross_task", "a teacher of a related task with other labels teaches through features "

@@ -6,9 +6,10 @@ step t (competence-based curriculum, Platanios et al. 2019):
   step:   c = start + (1 - start)·floor(4t/T)/4 (the pool grows in four equal steps)
 with T = full_at x the run's steps, and c = 1 from T on.
 Two modes: `order` draws each batch uniformly from the easiest c(t) of the data; `weighted` keeps every example
-available but draws easy ones more often early on, with weight exp(-λ(t)·rank/N), λ(t) = ln(1/start)·(1 - t/T),
-so that at step 0 the hardest example is `start` times as likely as the easiest, and uniform from T on.
-Batches depend only on the seed, the epoch and their position, so a resumed run draws what the straight one did."""
+available but draws easy ones more often early on, with weight exp(-λ(t)·rank/N), λ(t) = ln(1/c(t)), so that the
+hardest example is c(t) times as likely as the easiest (`start` times at step 0), and uniform from T on.
+Batches depend only on the seed, the epoch and their position, and the order is checkpointed, so a resumed run
+draws what the straight one did."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from kdship.config import CurriculumConfig, to_record
 from kdship.errors import ConfigError
@@ -50,30 +52,33 @@ class Curriculum(Technique):
     def __init__(self, hardness: torch.Tensor, settings: CurriculumConfig, draw: int, total_steps: int, accum: int,
                  seed: int):
         self.settings, self.draw, self.total, self.accum, self.seed = settings, draw, total_steps, accum, seed
-        self.easiest_first = torch.argsort(hardness, stable=True).tolist()
-        self.n = len(self.easiest_first)
+        self.order = nn.Module()  # checkpointed: a resume keeps the order it started with, whatever a rescore says
+        self.order.register_buffer("easiest_first", torch.argsort(hardness, stable=True))
+        self.n = len(hardness)
         self.quartiles = [round(float(q), 4) for q in torch.quantile(hardness.float(), torch.tensor([.25, .5, .75]))]
 
     def batches_of(self, epoch: int) -> list[list[int]]:
         """An epoch's global batches (as many as the plain order has), each drawn at its step's competence."""
         per_epoch = math.ceil(self.n / self.draw)
         steps_per_epoch = math.ceil(per_epoch / self.accum)
-        batches = []
+        easiest_first, batches = self.order.easiest_first.tolist(), []
         for j in range(per_epoch):
             step = epoch * steps_per_epoch + j // self.accum
             rng = random.Random(hash((self.seed, epoch, j)) & 0x7FFFFFFF)
-            batches.append(self._draw(step / self.total, rng))
+            batches.append(self._draw(easiest_first, step / self.total, rng))
         return batches
 
-    def _draw(self, progress: float, rng: random.Random) -> list[int]:
+    def _draw(self, easiest_first: list[int], progress: float, rng: random.Random) -> list[int]:
         size = min(self.draw, self.n)
+        c = competence(progress, self.settings)
         if self.settings.mode == "order":
-            pool = self.easiest_first[:max(size, math.ceil(competence(progress, self.settings) * self.n))]
-            return rng.sample(pool, size)
-        sharpness = math.log(1 / self.settings.start) * max(0.0, 1 - progress / self.settings.full_at)
-        weights = np.exp(-sharpness * np.arange(self.n) / self.n)
+            return rng.sample(easiest_first[:max(size, math.ceil(c * self.n))], size)
+        weights = np.exp(-math.log(1 / c) * np.arange(self.n) / self.n)
         chosen = np.random.default_rng(rng.getrandbits(32)).choice(self.n, size, replace=False, p=weights / weights.sum())
-        return [self.easiest_first[i] for i in chosen]
+        return [easiest_first[i] for i in chosen]
+
+    def memory(self) -> dict[str, nn.Module]:
+        return {"curriculum": self.order}
 
     def batches(self) -> Callable[[int], list[list[int]]] | None:
         return self.batches_of
@@ -91,10 +96,13 @@ def scorer_logits(settings: CurriculumConfig, context: TechniqueContext) -> torc
     from kdship.techniques.small_model import load_small_model
 
     if settings.by == "teacher":
-        if context.teacher is None or context.teacher.model is None:
+        teacher = context.teacher
+        if teacher is None or teacher.model is None:
             raise ConfigError("curriculum by: teacher needs a distillation whose teacher is run (kdship distill with a "
                               "loss that reads it); in kdship train, give by: a trained classifier's folder")
-        return context.teacher.predict(context.train, context.cfg.eval_batch_size, context.runtime).cpu()
+        if teacher.cache is not None:  # the logits of every training example are there already
+            return teacher.mapped(teacher.cache).cpu()
+        return teacher.predict(context.train, context.cfg.eval_batch_size, context.runtime).cpu()
     small = load_small_model(settings.by, "curriculum scorer", context.cfg, context.tokenizer,
                              context.trainees[0].model, context.runtime.device)
     return predict_everywhere(small, context.tokenizer, context.train, context.cfg.eval_batch_size,
@@ -109,7 +117,11 @@ def build_curriculum(settings: CurriculumConfig, context: TechniqueContext) -> C
     labels = torch.tensor(context.train.labels) if context.train.labels is not None else None
     if settings.difficulty == "loss" and labels is None:
         raise ConfigError("curriculum difficulty: loss needs labelled data; use difficulty: confidence")
-    hardness = difficulty(scorer_logits(settings, context), labels, settings.difficulty)
+    logits = scorer_logits(settings, context)
+    if settings.difficulty == "loss" and logits.shape[-1] != len(context.label_names or []):
+        raise ConfigError("curriculum difficulty: loss needs a scorer that predicts this task's labels (a cross-task "
+                          "teacher without its label map does not); use difficulty: confidence")
+    hardness = difficulty(logits, labels, settings.difficulty)
     return Curriculum(hardness, settings, context.draw_size * context.runtime.world, context.total_steps,
                       cfg.grad_accum, cfg.seed)
 
