@@ -101,8 +101,8 @@ def baselines(r: Runner) -> None:
 
 
 def early_exit(r: Runner) -> None:
-    """Early exits beside task KD; the accuracy at each threshold (kdship eval) and the latency there at batch 1
-    (kdship bench, torch backend, interleaved with the same model run through all its layers)."""
+    """Early exits beside task KD; the accuracy at each threshold (kdship eval) and the mean latency there over real
+    dev texts one at a time (kdship bench, torch backend, interleaved with the same model through all its layers)."""
     from kdship.bench import bench
     from kdship.config import BenchConfig, EvalConfig
     from kdship.evaluate import evaluate
@@ -113,10 +113,9 @@ def early_exit(r: Runner) -> None:
     curve = evaluate(EvalConfig(student=str(out), data={"eval": dev, "max_length": 64},
                                 exit_thresholds=r.s["thresholds"], output=str(r.work / "exit_eval.json")))
     measured = bench(BenchConfig(models=[str(out)], backends=["torch"], batch=[1], seq=[64], threads=2,
-                                 exit_thresholds=r.s["thresholds"], max_seconds=20 if r.s["steps"] > 10 else 1))
-    latency = {row["model"]: {k: row[k] for k in ("p50_ms", "speedup_vs_baseline", "speedup_ci95", "stable")}
-               for row in measured["results"]}
-    r.results["early_exit"]["exits"] = {"curve": curve["student"]["early_exit"], "latency_batch1_seq64": latency}
+                                 exit_thresholds=r.s["thresholds"], max_seconds=5 if r.s["steps"] > 10 else 1))
+    r.results["early_exit"]["exits"] = {"curve": curve["student"]["early_exit"],
+                                        "latency": measured["early_exit"]["early_exit"]["latency_over_inputs"]}
 
 
 def born_again(r: Runner) -> None:
@@ -221,6 +220,33 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def earlier_results(families: list[str]) -> dict[str, Any]:
+    """The runs of the families not rerun now, from the result file (a rerun of some families keeps the rest)."""
+    from common import RESULTS
+
+    path = RESULTS / "families_sst2.json"
+    if set(families) == set(FAMILIES) or not path.exists():
+        return {}
+    import json
+
+    earlier = json.loads(path.read_text())["results"]
+    return {k: v for k, v in earlier.items() if k not in ("teacher_accuracy", "majority_rate", "vs_baselines_pt")}
+
+
+def earlier_invocations(families: list[str]) -> list[dict[str, Any]]:
+    from common import RESULTS
+
+    path = RESULTS / "families_sst2.json"
+    if set(families) == set(FAMILIES) or not path.exists():
+        return []
+    import json
+
+    earlier = json.loads(path.read_text())
+    return earlier.get("invocations") or [{"families": earlier["settings"].get("families"),
+                                           "commit": earlier["settings"].get("commit"),
+                                           "seconds": earlier["settings"].get("seconds"), "device": earlier["device"]}]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minilm", type=Path, required=True, help="folder from ../shared/get-minilm.sh")
@@ -242,17 +268,21 @@ def main() -> None:
     families = [f for f in args.families.split(",") if f]
     for family in families:
         globals()[family](runner)
-    results = {"teacher_accuracy": teacher_accuracy, "majority_rate": majority_rate(), **runner.results}
-    results["vs_baselines_pt"] = summary(runner.results)
+    results = {"teacher_accuracy": teacher_accuracy, "majority_rate": majority_rate(), **earlier_results(families),
+               **runner.results}
+    results["vs_baselines_pt"] = summary(results)
     for name, row in results["vs_baselines_pt"].items():
         print(f"{name:28s} {row['points']:+6.2f} pt vs {row['against']}")
     if args.smoke:
         print(f"smoke run finished in {time.perf_counter() - started:.0f} s ({device_name()})")
     else:
-        path = write_result("families_sst2", {"settings": {**s, "student": "3 layers from the teacher (2, 4, 6)",
-                                                           "families": families, "commit": commit,
-                                                           "seconds": round(time.perf_counter() - started, 1)},
-                                              "results": results})
+        invocation = {"families": families, "commit": commit, "seconds": round(time.perf_counter() - started, 1),
+                      "device": device_name()}
+        invocations = earlier_invocations(families) + [invocation]
+        # a family rerun on another machine: every machine is named, and each invocation says which families it ran
+        devices = "; ".join(dict.fromkeys(i["device"] for i in invocations))
+        path = write_result("families_sst2", {"settings": {**s, "student": "3 layers from the teacher (2, 4, 6)"},
+                                              "device": devices, "invocations": invocations, "results": results})
         print(f"wrote {path} ({device_name()})")
     shutil.rmtree(args.work, ignore_errors=True)
 

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 from kdship.errors import KdshipError
 
 RECORD_NAME = "kdship.json"
+SIDECAR = ".kdship.json"  # beside a file kdship writes (<file>.kdship.json): its settings and counts
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -18,14 +18,12 @@ from typing import Any
 
 import torch
 
-from kdship.artifacts import atomic_write_json, atomic_write_text, library_versions
+from kdship.artifacts import SIDECAR, atomic_write_json, atomic_write_text, library_versions
 from kdship.config import AugmentConfig, to_record
 from kdship.data import load_table
 from kdship.errors import ConfigError, ModelError
 from kdship.models import build_model, is_mlm, label_names_of, load_config, load_tokenizer, under_weights_policy
 from kdship.runtime import pick_device
-
-SIDECAR = ".kdship.json"
 
 
 class WordSubstitutes:

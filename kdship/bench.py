@@ -219,8 +219,8 @@ def exit_curves(folders: list[Path], cfg: BenchConfig) -> dict[str, Any]:
 
 
 def _exit_curve_on(folder: Path, source: str, cfg: BenchConfig) -> dict[str, Any]:
-    from kdship.data import encode_labels, iterate_batches, load_table, model_inputs as batch_inputs, tokenize
-    from kdship.early_exit import exit_curve
+    from kdship.data import Encoded, encode_labels, iterate_batches, load_table, model_inputs as batch_inputs, tokenize
+    from kdship.early_exit import exit_curve, exit_latency
     from kdship.models import load_tokenizer, max_tokens
 
     record = read_record(folder) or {}
@@ -240,8 +240,14 @@ def _exit_curve_on(folder: Path, source: str, cfg: BenchConfig) -> dict[str, Any
     for indices, batch in iterate_batches(tokenizer, encoded, 64):
         batches.append({k: v.to(device) for k, v in batch_inputs(batch).items()})
         order += indices
-    return {"data": source, "n": len(order), **exit_curve(model, batches, labels[torch.tensor(order)],
-                                                         cfg.exit_thresholds, cfg.exit_criterion)}
+    curve = exit_curve(model, batches, labels[torch.tensor(order)], cfg.exit_thresholds, cfg.exit_criterion)
+    singles = [{k: v.to(device) for k, v in batch_inputs(batch).items()}
+               for _, batch in iterate_batches(tokenizer, Encoded(encoded.features[:LATENCY_INPUTS], None), 1)]
+    latency = exit_latency(model, singles, cfg.exit_thresholds, cfg.exit_criterion)
+    return {"data": source, "n": len(order), **curve, "latency_over_inputs": latency}
+
+
+LATENCY_INPUTS = 200  # eval texts timed one at a time for the early-exit latency (each run at every threshold)
 
 
 def _reset_gpu_peak() -> None:
@@ -369,11 +375,17 @@ def _exit_table(name: str, curve: dict[str, Any]) -> Any:
 
     if "not_measured" in curve:
         return f"{name}: exit accuracy not measured ({curve['not_measured']})"
-    table = Table(title=f"{name}: early exit on {curve['n']} eval rows ({curve['criterion']}; all layers: "
-                        f"{curve['final_accuracy']:.4f})")
-    for col in ("threshold", "accuracy", "mean exit layer", "layers saved", "stops per layer"):
+    latency = {p["threshold"]: p for p in curve["latency_over_inputs"]["thresholds"]}
+    table = Table(title=f"{name}: early exit on {curve['n']} eval rows ({curve['criterion']}; all layers: accuracy "
+                        f"{curve['final_accuracy']:.4f}, {curve['latency_over_inputs']['all_layers_mean_ms']:.2f} ms "
+                        f"mean over {curve['latency_over_inputs']['inputs']} texts one at a time)")
+    for col in ("threshold", "accuracy", "mean exit layer", "layers saved", "mean ms", "speedup (95% interval)",
+                "stops per layer"):
         table.add_column(col, justify="right")
     for point in curve["curve"]:
+        at = latency[point["threshold"]]
         table.add_row(f"{point['threshold']:g}", f"{point['accuracy']:.4f}", f"{point['mean_exit_layer']:.2f}",
-                      f"{point['layers_saved']:.0%}", " ".join(f"{k}:{v:.0%}" for k, v in point["exit_distribution"].items()))
+                      f"{point['layers_saved']:.0%}", f"{at['mean_ms']:.2f}",
+                      f"{at['speedup_vs_all_layers']:.2f}x ({at['speedup_ci95'][0]:.2f}-{at['speedup_ci95'][1]:.2f})",
+                      " ".join(f"{k}:{v:.0%}" for k, v in point["exit_distribution"].items()))
     return table

@@ -140,8 +140,9 @@ LabelColumn = Annotated[Optional[str], typer.Option("--label-column", help="labe
 MaxLength = Annotated[Optional[int], typer.Option("--max-length", help="truncate to this many tokens")]
 MaxTrain = Annotated[Optional[int], typer.Option("--max-train-samples", help="use the first N training rows")]
 MaxEval = Annotated[Optional[int], typer.Option("--max-eval-samples", help="use the first N eval rows")]
-Objective = Annotated[Optional[str], typer.Option("--objective", help="classify | mlm | match (bi-encoder on "
-                                                                      "pairs) | features (distill)")]
+Objective = Annotated[Optional[str], typer.Option("--objective", help="classify | mlm | clm (causal LM: text, "
+                                                  "prompt/response or chat data) | match (bi-encoder on pairs) | "
+                                                  "features (distill)")]
 MatchLoss = Annotated[Optional[str], typer.Option("--match-loss", help="objective match: in_batch (positive pairs) | "
                                                                        "classify (labelled pairs)")]
 SelectBy = Annotated[Optional[str], typer.Option("--select-by", help="small model that scores samples (sample-value "
@@ -342,11 +343,14 @@ def distill(
     student: Annotated[Optional[str], typer.Option("--student", help="folder, hub id or shape spec")] = None,
     students: Annotated[Optional[str], typer.Option("--students", help="several in one pass: 4L312,6L768 (layers L "
                                                     "width), specs or folders, comma-separated")] = None,
-    teacher_cache: Annotated[Optional[str], typer.Option("--teacher-cache", help="auto | off")] = None,
+    teacher_cache: Annotated[Optional[str], typer.Option("--teacher-cache", help="auto | off | topk:K (causal LMs) | "
+                                                         "a folder from kdship cache-teacher")] = None,
     teacher_sharding: Annotated[Optional[str], typer.Option("--teacher-sharding", help="with several processes: "
                                                             "replicate (a teacher per device) | fsdp (sharded)")] = None,
     loss: Annotated[Optional[list[str]], typer.Option("--loss", help="name[:weight[:weight_end]], repeatable")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature")] = None,
+    jsd_beta: Annotated[Optional[float], typer.Option("--jsd-beta", help="loss jsd: 0 forward KL .. 1 reverse KL "
+                                                      "(default 0.5)")] = None,
     layer_map: Annotated[Optional[str], typer.Option("--layer-map", help="e.g. 0,2,4 (teacher hidden index per "
                                                                          "student hidden state)")] = None,
     train_layers: Annotated[Optional[str], typer.Option("--train-layers", help="train only these student layers, "
@@ -359,6 +363,10 @@ def distill(
     cross_task: Annotated[Optional[bool], typer.Option("--cross-task", help="the teacher has other labels: the "
                                                        "student takes the data's, KD goes through a learned map")] = None,
     cross_task_map_steps: Annotated[Optional[int], typer.Option("--cross-task-map-steps")] = None,
+    on_policy_ratio: Annotated[Optional[float], typer.Option("--on-policy-ratio", help="causal LMs: the share of "
+                                                             "batches replaced by the student's samples (GKD)")] = None,
+    on_policy_max_new_tokens: Annotated[Optional[int], typer.Option("--on-policy-max-new-tokens")] = None,
+    on_policy_temperature: Annotated[Optional[float], typer.Option("--on-policy-temperature")] = None,
     select_by: SelectBy = None, select_ratio: SelectRatio = None, select_mode: SelectMode = None,
     select_refresh: SelectRefresh = None, match_loss: MatchLoss = None,
     ema_decay: EmaDecay = None, ema_weight: EmaWeight = None, virtual_teacher: VirtualTeacher = None,
@@ -389,9 +397,11 @@ def distill(
         train_layers=_ints(train_layers, "--train-layers"), generations=generations,
         peers={"mode": peers, "weight": peers_weight},
         cross_task={"labels": "data" if cross_task else None, "map_steps": cross_task_map_steps},
+        on_policy={"ratio": on_policy_ratio, "max_new_tokens": on_policy_max_new_tokens,
+                   "temperature": on_policy_temperature},
         **_self_teaching(ema_decay, ema_weight, virtual_teacher, virtual_temperature, virtual_alpha, exits, exit_weight,
                          curriculum, curriculum_by, curriculum_mode, pacing, curriculum_start, curriculum_full_at),
-        student=student, losses=_losses(loss), temperature=temperature,
+        student=student, losses=_losses(loss), temperature=temperature, jsd_beta=jsd_beta,
         students=_split_students(students), teacher_cache=teacher_cache, teacher_sharding=teacher_sharding,
         layer_map=layer_map.split(",") if layer_map else None, match_loss=match_loss,
         selection=_selection(select_by, select_ratio, select_mode, select_refresh), sharding=sharding,
@@ -435,6 +445,60 @@ def augment(
                f"{result['label_counts']}")
 
 
+@command(name="cache-teacher", config="CacheTeacherConfig")
+def cache_teacher(
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help="causal-LM teacher folder or hub id")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="tokens kept per position")] = None,
+    data: Data = None, text_column: TextColumn = None, max_length: MaxLength = None, max_train_samples: MaxTrain = None,
+    batch_size: BatchSize = None, device: Device = None, precision: Precision = None, output: Output = None,
+    overwrite: Overwrite = None, allow_pickle_weights: AllowPickle = None, recipe: Recipe = None,
+) -> None:
+    """A causal-LM teacher's top-K next-token log-probabilities on the training data, written once (memory-mapped
+    shards): `kdship distill --teacher-cache DIR` then trains without loading the teacher."""
+    from kdship.config import CacheTeacherConfig, build_config
+    from kdship.logit_cache import cache_teacher as run
+
+    result = run(build_config(
+        CacheTeacherConfig, recipe, teacher=teacher, top_k=top_k, batch_size=batch_size, device=device,
+        precision=precision, output=output, overwrite=overwrite, allow_pickle_weights=allow_pickle_weights,
+        data=_data(data, None, text_column, None, max_length, max_train_samples, None)))
+    typer.echo(f"wrote {result['output']}: top-{result['k']} of {result['tokens']} tokens, "
+               f"{result['bytes'] / 2**20:.1f} MiB ({result['bytes_per_token']} bytes per token), mean tail mass "
+               f"{result['mean_tail_mass']:.4f}")
+
+
+@command(config="GenerateConfig")
+def generate(
+    model: Annotated[Optional[str], typer.Option("--model", help="causal LM that writes the responses")] = None,
+    prompts: Annotated[Optional[str], typer.Option("--prompts", help="text file (one prompt per line), or "
+                                                   "prompt/response or chat data whose responses are written anew")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens")] = None,
+    sample: Annotated[Optional[bool], typer.Option("--sample/--greedy", help="sample (default) or take the most "
+                                                   "likely token")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="0: off")] = None,
+    samples_per_prompt: Annotated[Optional[int], typer.Option("--samples-per-prompt")] = None,
+    max_prompts: Annotated[Optional[int], typer.Option("--max-prompts", help="use the first N prompts")] = None,
+    batch_size: BatchSize = None, seed: Seed = None, device: Device = None, output: Output = None,
+    overwrite: Overwrite = None, allow_pickle_weights: AllowPickle = None, recipe: Recipe = None,
+) -> None:
+    """A causal LM's continuations of prompts as prompt/response JSONL (sequence-level KD: distil a student on the
+    teacher's own outputs with --objective clm); the sampling settings are recorded beside the file."""
+    from kdship.config import GenerateConfig, build_config
+    from kdship.generation import generate as run
+
+    sampling = {"max_new_tokens": max_new_tokens, "do_sample": sample, "temperature": temperature, "top_p": top_p,
+                "top_k": top_k}
+    result = run(build_config(
+        GenerateConfig, recipe, model=model, prompts=prompts, samples_per_prompt=samples_per_prompt,
+        max_prompts=max_prompts, batch_size=batch_size, seed=seed, device=device, output=output, overwrite=overwrite,
+        allow_pickle_weights=allow_pickle_weights, sampling=sampling))
+    typer.echo(f"wrote {result['output']}: {result['rows']} responses to {result['prompts']['n']} prompts "
+               f"({result['generated_tokens']} tokens, {result['tokens_per_second']:.0f} tokens/s"
+               + (f", {result['empty_dropped']} empty dropped" if result["empty_dropped"] else "") + ")")
+
+
 @command(name="eval", config="EvalConfig")
 def evaluate(
     model: Annotated[Optional[str], typer.Argument(help="the model to evaluate (a student folder), named as "
@@ -447,10 +511,16 @@ def evaluate(
     batch_size: BatchSize = None, device: Device = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="JSON path (default STUDENT/eval.json)")] = None,
     exit_thresholds: ExitThresholds = None, exit_criterion: ExitCriterion = None,
+    prompts: Annotated[Optional[str], typer.Option("--prompts", help="causal LMs: prompts to generate from, one per "
+                                                   "line (default: the eval data's)")] = None,
+    generations: Annotated[Optional[int], typer.Option("--generations", help="causal LMs: how many prompts")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="causal LMs: tokens generated "
+                                                          "per prompt")] = None,
     allow_pickle_weights: AllowPickle = None, recipe: Recipe = None,
 ) -> None:
     """Evaluate student and teacher on the same split: accuracy, macro-F1, retention, agreement, ECE; for a
-    student with early exits, each exit's accuracy and the accuracy at each exit threshold."""
+    student with early exits, each exit's accuracy and the accuracy at each exit threshold; for causal LMs,
+    perplexity, its ratio, next-token agreement and greedy generations side by side."""
     from kdship.config import EvalConfig, build_config
     from kdship.errors import ConfigError
     from kdship.evaluate import evaluate as run
@@ -463,7 +533,8 @@ def evaluate(
     cfg = build_config(EvalConfig, recipe, student=model or student, teacher=teacher, batch_size=batch_size, device=device,
                        output=output, data=_data(None, data, text_column, label_column, max_length, None,
                                                  max_eval_samples), allow_pickle_weights=allow_pickle_weights,
-                       exit_thresholds=_numbers(exit_thresholds, "--exit-threshold"), exit_criterion=exit_criterion)
+                       exit_thresholds=_numbers(exit_thresholds, "--exit-threshold"), exit_criterion=exit_criterion,
+                       prompts=prompts, generations=generations, max_new_tokens=max_new_tokens)
     print_eval(run(cfg))
 
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kdship.errors import ConfigError
 
+TOPK = re.compile(r"topk:([1-9][0-9]*)")
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16"]
 
@@ -155,6 +156,27 @@ class CrossTaskConfig(Strict):
 
 
 # Flat spellings of nested technique settings (recipes written before the nesting, and the CLI flags' names).
+class SamplingConfig(Strict):
+    """How a causal LM's continuations are drawn (kdship generate; on-policy distillation)."""
+
+    max_new_tokens: int = Field(128, ge=1, le=8192, description="tokens generated after each prompt at most (the "
+                                                                 "end-of-text token ends one earlier)")
+    do_sample: bool = Field(True, description="sample (with temperature, top_p, top_k); off: greedy")
+    temperature: float = Field(1.0, gt=0, le=100)
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: the smallest set of tokens with this "
+                                                      "probability (1: all)")
+    top_k: int = Field(0, ge=0, description="sample among the k most likely tokens (0: all)")
+
+
+class OnPolicyConfig(SamplingConfig):
+    """On-policy distillation (GKD): a share of the batches is the student's own continuations of the prompts,
+    scored by the teacher token by token."""
+
+    ratio: float = Field(gt=0, le=1, description="the share of batches (lambda) replaced by the student's samples")
+    max_new_tokens: int = Field(64, ge=1, le=8192, description="tokens sampled after each prompt at most (and "
+                                                                "within max_length)")
+
+
 FLAT_SPELLINGS = {"select_by": ("selection", "by"), "select_ratio": ("selection", "ratio"),
                   "select_mode": ("selection", "mode"), "select_refresh": ("selection", "refresh"),
                   "reverse_from": ("reverse", "from"), "reverse_steps": ("reverse", "steps"),
@@ -169,7 +191,10 @@ FLAT_SPELLINGS = {"select_by": ("selection", "by"), "select_ratio": ("selection"
                   "curriculum_mode": ("curriculum", "mode"), "pacing": ("curriculum", "pacing"),
                   "curriculum_start": ("curriculum", "start"), "curriculum_full_at": ("curriculum", "full_at"),
                   "peers_mode": ("peers", "mode"), "peers_weight": ("peers", "weight"),
-                  "cross_task_map_steps": ("cross_task", "map_steps")}
+                  "cross_task_map_steps": ("cross_task", "map_steps"),
+                  "on_policy_ratio": ("on_policy", "ratio"),
+                  "on_policy_max_new_tokens": ("on_policy", "max_new_tokens"),
+                  "on_policy_temperature": ("on_policy", "temperature")}
 
 
 def nest_flat_spellings(values: Any) -> Any:
@@ -196,10 +221,10 @@ class RunConfig(Strict):
 
     output: str | None = None
     data: DataConfig = DataConfig()
-    objective: Literal["classify", "mlm", "features", "match"] = Field(
-        "classify", description="classify: labelled task data; mlm: masked-LM on text; features: hidden/attention "
-                                "matching only, on any text (distill); match: a dual-tower (bi-encoder) model on "
-                                "sentence pairs")
+    objective: Literal["classify", "mlm", "clm", "features", "match"] = Field(
+        "classify", description="classify: labelled task data; mlm: masked-LM on text; clm: a causal LM (decoder) on "
+                                "text, prompt/response or chat data; features: hidden/attention matching only, on "
+                                "any text (distill); match: a dual-tower (bi-encoder) model on sentence pairs")
     match_loss: Literal["in_batch", "classify"] = Field(
         "in_batch", description="objective match: in_batch (each pair's partner against the batch's other "
                                 "partners, no labels) or classify (labelled pairs, from u, v and |u-v|)")
@@ -317,13 +342,18 @@ class DistillConfig(RunConfig):
     student: str | None = Field(None, description="path, hub id, or shape spec (bert:layers=4,hidden=312,...)")
     students: dict[str, str] | None = Field(
         None, description="several students trained in one pass: a list (4L312, 6L768, specs, paths) or name: source")
-    teacher_cache: Literal["auto", "off"] = Field(
-        "auto", description="auto: precompute the teacher's logits once when the losses need nothing else")
+    teacher_cache: str = Field(
+        "auto", description="auto: the teacher's logits computed once when the losses need nothing else "
+                            "(classifiers); off; topk:K (objective clm): the teacher's top-K next-token "
+                            "log-probabilities written once into the run folder, then the teacher is unloaded; or "
+                            "the folder of a cache made by kdship cache-teacher (the teacher is not loaded)")
     teacher_sharding: Literal["replicate", "fsdp"] = Field(
         "replicate", description="with several processes: a full teacher per device, or its weights sharded "
                                  "across devices with FSDP (a teacher that does not fit one device)")
     losses: list[LossSpec] = Field(default_factory=_default_losses)
     temperature: float = Field(2.0, gt=0)
+    jsd_beta: float = Field(0.5, ge=0, le=1, description="loss jsd: the teacher's share of the mixture (GKD); 0 is "
+                                                         "forward KL, 1 reverse KL")
     layer_map: list[int] | None = Field(
         None, description="teacher hidden-state index for each student hidden state (0 = embeddings); default uniform"
     )
@@ -339,8 +369,30 @@ class DistillConfig(RunConfig):
     peers: PeersConfig | None = Field(None, description="online distillation between the students (technique)")
     cross_task: CrossTaskConfig | None = Field(None, description="a teacher of a related task with other labels "
                                                                  "(technique)")
+    on_policy: OnPolicyConfig | None = Field(None, description="causal LMs: batches of the student's own samples, "
+                                                               "scored by the teacher (technique)")
 
     _named = field_validator("students", mode="before")(lambda cls, v: named_students(v))
+
+    @field_validator("teacher_cache")
+    @classmethod
+    def _cache_spelling(cls, v: str) -> str:
+        if v.startswith("topk") and not TOPK.fullmatch(v):
+            raise ValueError(f"{v!r}: write topk:K with K a whole number of tokens >= 1, e.g. topk:64")
+        if not v.strip():
+            raise ValueError("teacher_cache is empty; give auto, off, topk:K or a cache folder")
+        return v
+
+    @property
+    def topk_cache(self) -> int | None:
+        """K of `teacher_cache: topk:K` (a cache built in the run folder)."""
+        match = TOPK.fullmatch(self.teacher_cache)
+        return int(match.group(1)) if match else None
+
+    @property
+    def teacher_cache_folder(self) -> str | None:
+        """A top-K cache folder made earlier (kdship cache-teacher)."""
+        return None if self.teacher_cache in ("auto", "off") or self.topk_cache else self.teacher_cache
 
     @model_validator(mode="before")
     @classmethod
@@ -382,6 +434,21 @@ class DistillConfig(RunConfig):
         if self.selection and self.students:
             raise ValueError("sample-value selection scores samples for one trained model; with several students, "
                              "distill them without selection (or one at a time)")
+        if self.on_policy and (self.objective != "clm" or self.topk_cache or self.teacher_cache_folder):
+            raise ValueError("on_policy samples a causal LM's continuations and the teacher scores them live: use "
+                             "objective clm without a top-K teacher cache (it holds only the data's tokens)")
+        if (self.topk_cache or self.teacher_cache_folder) and self.objective != "clm":
+            raise ValueError(f"teacher_cache {self.teacher_cache}: a top-K cache holds a causal LM's next-token "
+                             "distributions (objective clm); a classifier's logits are cached with auto")
+        if (self.topk_cache or self.teacher_cache_folder) and not any("teacher" in LOSSES[s.name].needs
+                                                                      for s in self.losses):
+            raise ValueError(f"teacher_cache {self.teacher_cache}: no loss reads the teacher; add one (forward_kl, "
+                             "reverse_kl, jsd, tvd) or drop the cache")
+        if self.topk_cache or self.teacher_cache_folder:
+            live = [s.name for s in self.losses if LOSSES[s.name].needs - {"logits", "teacher"}]
+            if live:
+                raise ValueError(f"{', '.join(live)} read the teacher's layers, which a top-K cache does not hold; "
+                                 "use logit losses (forward_kl, reverse_kl, jsd, tvd, ce) or teacher_cache off")
         if self.objective == "features":
             logit_losses = [s.name for s in self.losses if "logits" in LOSSES[s.name].needs]
             if logit_losses:
@@ -408,7 +475,17 @@ class DistillConfig(RunConfig):
                              f"({len(self.teachers)}), not all zero")
 
 
-class AugmentConfig(Strict):
+class ModelJob(Strict):
+    """What a command that loads models and writes one output shares: where it runs, whether it may replace the
+    output, and whether pickle weights may load."""
+
+    device: Device = "auto"
+    overwrite: bool = False
+    allow_pickle_weights: bool = Field(False, description="load pytorch_model.bin (pickle, which can run code) "
+                                                          "from a folder without safetensors")
+
+
+class AugmentConfig(ModelJob):
     """`kdship augment`: TinyBERT-style data augmentation, labelled by the teacher."""
 
     model: str = Field(description="the masked-LM that proposes words (method embedding: any encoder, whose input "
@@ -425,10 +502,44 @@ class AugmentConfig(Strict):
     keep_original: bool = Field(True, description="write the original sentences too")
     batch_size: int = Field(128, ge=1, description="sentences per batch when the teacher labels them")
     seed: int = 42
-    device: Device = "auto"
-    overwrite: bool = False
-    allow_pickle_weights: bool = Field(False, description="load pytorch_model.bin (pickle, which can run code) "
-                                                          "from a folder without safetensors")
+
+
+class GenerateConfig(ModelJob):
+    """`kdship generate`: a causal LM's continuations of prompts, as prompt/response JSONL (a sequence-level KD
+    transfer set: distil on it with objective clm), the settings recorded beside the file."""
+
+    model: str = Field(description="the causal LM that writes the responses (the teacher, for sequence-level KD)")
+    prompts: str = Field(description="prompts: a text file (one per line), or JSONL/CSV/parquet with a prompt "
+                                     "column (responses there are ignored) or chat messages")
+    output: str = Field(description="the .jsonl to write (its settings go beside it, in <file>.kdship.json)")
+    sampling: SamplingConfig = SamplingConfig()
+    samples_per_prompt: int = Field(1, ge=1, le=100, description="continuations drawn per prompt")
+    max_prompts: int | None = Field(None, ge=1, description="use the first N prompts")
+    batch_size: int = Field(16, ge=1, description="prompts per generate call")
+    seed: int = 42
+
+    _absolute = field_validator("prompts")(lambda cls, v: resolvable(v))
+
+
+class CacheTeacherConfig(ModelJob):
+    """`kdship cache-teacher`: a causal-LM teacher's top-K next-token log-probabilities on the training data,
+    written once for distillations that then train without loading it (`kdship distill --teacher-cache DIR`)."""
+
+    teacher: str = Field(description="the causal-LM teacher (folder or hub id)")
+    data: DataConfig = DataConfig()
+    top_k: int = Field(description="tokens kept per position (the teacher's most likely; at most its vocabulary)",
+                       ge=1)
+    output: str = Field(description="the cache folder to write")
+    batch_size: int = Field(32, ge=1, description="sequences per teacher forward pass")
+    precision: Precision = "auto"
+
+    @model_validator(mode="after")
+    def _train_data_only(self) -> "CacheTeacherConfig":
+        if not self.data.train:
+            raise ValueError("no data; pass --data FILE (the distillation's training data)")
+        if self.data.eval:
+            raise ValueError("the cache holds the training data's tokens; drop data.eval (distill evaluates live)")
+        return self
 
 
 class EvalConfig(Strict):
@@ -438,6 +549,10 @@ class EvalConfig(Strict):
     student: str
     data: DataConfig = DataConfig()
     batch_size: int = Field(128, ge=1)
+    prompts: str | None = Field(None, description="causal LMs: a text file of prompts (one per line) to generate "
+                                                  "from greedily, side by side; default: the eval data's prompts")
+    generations: int = Field(4, ge=0, le=100, description="causal LMs: how many prompts to generate from")
+    max_new_tokens: int = Field(32, ge=1, le=4096, description="causal LMs: tokens generated per prompt")
     ece_bins: int = Field(15, ge=2, le=100)
     exit_thresholds: list[float] | None = Field(None, description="models with early exits: the thresholds of the "
                                                                   "accuracy curve (default: a range per criterion)")
@@ -754,17 +869,20 @@ class ExitBudget(Strict):
     threshold: float
     min_accuracy: float | None = Field(None, ge=0, le=1)
     min_layers_saved: float | None = Field(None, ge=0, le=1, description="share of layers the average row skips")
+    min_speedup: float | None = Field(None, gt=0, description="mean latency of all layers over that at this "
+                                                              "threshold (real eval texts one at a time; bench)")
     model: str | None = Field(None, description="bench model name; default: the last model with exits")
 
     @model_validator(mode="after")
     def _has_a_limit(self) -> "ExitBudget":
-        if self.min_accuracy is None and self.min_layers_saved is None:
-            raise ValueError("an early-exit budget needs a limit: min_accuracy or min_layers_saved")
+        if self.min_accuracy is None and self.min_layers_saved is None and self.min_speedup is None:
+            raise ValueError("an early-exit budget needs a limit: min_accuracy, min_layers_saved or min_speedup")
         return self
 
 
 class BaselineTolerance(Strict):
     accuracy: float = Field(0.005, ge=0, le=1, description="largest accuracy drop vs the baseline")
+    perplexity_ratio: float = Field(1.02, ge=1, description="causal LMs: largest perplexity growth vs the baseline")
     latency_ratio: float | None = Field(1.15, ge=1, description="largest p99 growth vs the baseline (ratio); null: "
                                         "latency is not compared with the baseline (shared CI runners, whose "
                                         "speed varies between runs: budget speed as min_speedup ratios instead)")
@@ -777,6 +895,12 @@ class Budgets(Strict):
     min_recall_at_1: float | None = Field(None, ge=0, le=1, description="for dual-tower (match) models")
     min_retention: float | None = Field(None, ge=0, le=2)
     min_agreement: float | None = Field(None, ge=0, le=1)
+    max_perplexity: float | None = Field(None, ge=1, description="causal LMs: the student's perplexity on the eval "
+                                                                 "data")
+    max_perplexity_ratio: float | None = Field(None, gt=0, description="causal LMs: student perplexity / teacher's")
+    min_token_agreement: float | None = Field(None, ge=0, le=1, description="causal LMs: share of target tokens "
+                                                                            "where the student's top next token is "
+                                                                            "the teacher's")
     max_accuracy_drop: float | None = Field(None, ge=0, le=1, description="per export variant, vs PyTorch")
     max_model_mb: float | None = Field(None, gt=0, description="each exported model file")
     speed: list[SpeedBudget] = Field(default_factory=list)

@@ -134,11 +134,8 @@ def load_table(source: str, text_columns: Sequence[str] | None, label_column: st
         table = TextTable(texts, None, str(path), _file_fingerprint(files))
     elif path.exists():
         table = _table_from_frame(_read_frame(path), text_columns, label_column, str(path), _file_fingerprint([path]))
-    elif os.path.lexists(path):
-        raise DataError(f"data {source} is a broken link or a link loop; point at the file itself")
-    elif path.suffix.lower() in TABLE_SUFFIXES | TEXT_SUFFIXES or source.startswith((".", "/", "~")):
-        raise DataError(f"data file {source} not found; check the path")
     else:
+        _refuse_missing_path(source, path)
         frame = _read_hub(source)
         table = _table_from_frame(frame, text_columns, label_column, source, f"hub:{source}:{len(frame)}")
     if len(table) == 0:
@@ -147,6 +144,14 @@ def load_table(source: str, text_columns: Sequence[str] | None, label_column: st
         table = TextTable(table.texts[:max_samples], table.raw_labels and table.raw_labels[:max_samples],
                           table.source, table.fingerprint + f":first{max_samples}", table.columns)
     return table
+
+
+def _refuse_missing_path(source: str, path: Path) -> None:
+    """A source that is not on disk is read as a hub id, unless it was plainly meant as a path."""
+    if os.path.lexists(path):
+        raise DataError(f"data {source} is a broken link or a link loop; point at the file itself")
+    if path.suffix.lower() in TABLE_SUFFIXES | TEXT_SUFFIXES or source.startswith((".", "/", "~")):
+        raise DataError(f"data file {source} not found; check the path")
 
 
 def _table_from_frame(frame: pd.DataFrame, text_columns: Sequence[str] | None, label_column: str | None,
@@ -212,11 +217,13 @@ class Encoded:
 
     features: list[dict[str, list[int]]]
     labels: list[int] | None
+    dropped: int = 0  # examples left out (causal LM: no target token within max_length)
 
     def lengths(self) -> list[int]:
         return [max(len(f["input_ids"]), len(f.get("input_ids" + SECOND, ()))) for f in self.features]
 
 
+IGNORED = -100  # a label position no loss reads (transformers' convention)
 # Suffix of the second text's inputs when a pair is encoded as two separate sequences (dual-tower models).
 SECOND = "_b"
 INPUT_KEYS = ("input_ids", "token_type_ids", "attention_mask")
@@ -265,6 +272,8 @@ def collate(tokenizer: Any, encoded: Encoded, indices: Sequence[int], mlm_collat
     import torch
 
     feats = [encoded.features[i] for i in indices]
+    if "labels" in feats[0]:  # causal-LM tokens with their own targets
+        return _pad_lm(tokenizer, feats)
     if mlm_collator is not None:
         mlm_collator.generator = torch.Generator().manual_seed(mask_seed or 0)
         return dict(mlm_collator(feats))
@@ -273,6 +282,19 @@ def collate(tokenizer: Any, encoded: Encoded, indices: Sequence[int], mlm_collat
     if encoded.labels is not None:
         batch["labels"] = torch.tensor([encoded.labels[i] for i in indices], dtype=torch.long)
     return batch
+
+
+def _pad_lm(tokenizer: Any, feats: list[dict[str, list[int]]]) -> dict[str, Any]:
+    """Causal-LM examples padded on the right (positions then count from each text's start, as in generation's
+    first token), padding masked out and never a target."""
+    import torch
+
+    longest = max(len(f["input_ids"]) for f in feats)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    fill = lambda values, value: values + [value] * (longest - len(values))  # noqa: E731
+    return {"input_ids": torch.tensor([fill(f["input_ids"], pad) for f in feats]),
+            "attention_mask": torch.tensor([fill([1] * len(f["input_ids"]), 0) for f in feats]),
+            "labels": torch.tensor([fill(f["labels"], IGNORED) for f in feats])}
 
 
 def _pad_pairs(tokenizer: Any, feats: list[dict[str, list[int]]]) -> dict[str, Any]:
@@ -316,3 +338,171 @@ def iterate_batches(tokenizer: Any, encoded: Encoded, batch_size: int) -> Iterat
     """Evaluation order: length-bucketed, unshuffled; yields (indices, batch)."""
     for indices in bucket_batches(encoded.lengths(), batch_size, seed=0, shuffle=False):
         yield indices, collate(tokenizer, encoded, indices)
+
+
+# ---- causal-LM data -----------------------------------------------------------------------------------------------
+# Three shapes: plain text (txt files, or a table with a text column), packed into blocks that are all targets;
+# prompt/response rows, whose loss is on the response; chat `messages`, whose loss is on the assistant's turns.
+LM_KINDS = ("text", "prompt_response", "chat")
+
+
+@dataclass
+class LmTable:
+    """Raw causal-LM examples: strings (text), (prompt, response) pairs, or lists of chat messages."""
+
+    kind: str
+    items: list[Any]
+    source: str
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def load_lm_table(source: str, text_columns: Sequence[str] | None = None, max_samples: int | None = None) -> LmTable:
+    """Causal-LM examples from a table with prompt and response columns or a `messages` column (chat), a table with
+    a text column, or plain text: any other local file (.txt, .txt.gz, WikiText's .tokens, ...) or a folder of
+    .txt[.gz] files, one text per line; the shape is read from what the file holds."""
+    path = Path(source).expanduser()
+    if path.exists() and (path.is_dir() or path.suffix.lower() not in TABLE_SUFFIXES):
+        files = _text_files(path)
+        table = LmTable("text", _read_lines(files), str(path), _file_fingerprint(files))
+    elif path.exists():
+        table = _lm_table_from_frame(_read_frame(path), text_columns, str(path), _file_fingerprint([path]))
+    else:
+        _refuse_missing_path(source, path)
+        frame = _read_hub(source)
+        table = _lm_table_from_frame(frame, text_columns, source, f"hub:{source}:{len(frame)}")
+    if len(table) == 0:
+        raise DataError(f"data {source} holds no examples; give a file with at least one row")
+    if max_samples is not None:
+        table = LmTable(table.kind, table.items[:max_samples], table.source, table.fingerprint + f":first{max_samples}")
+    return table
+
+
+def _lm_table_from_frame(frame: Any, text_columns: Sequence[str] | None, source: str, fingerprint: str) -> LmTable:
+    columns = [str(c) for c in frame.columns]
+    if "messages" in columns and not text_columns:
+        return LmTable("chat", [_chat_messages(m, source, i) for i, m in enumerate(frame["messages"])], source,
+                       fingerprint)
+    if {"prompt", "response"} <= set(columns) and not text_columns:
+        pairs = list(zip(frame["prompt"].tolist(), frame["response"].tolist()))
+        bad = next((i for i, (p, r) in enumerate(pairs) if not isinstance(p, str) or not isinstance(r, str) or not r),
+                   None)
+        if bad is not None:
+            raise DataError(f"{source} row {bad + 1}: prompt and response must be strings, and the response not "
+                            "empty; fix or drop the row")
+        return LmTable("prompt_response", pairs, source, fingerprint)
+    try:
+        column = pick_text_columns(columns, text_columns, source)
+    except DataError:
+        raise DataError(f"{source} has no prompt and response columns, no messages column and no text column "
+                        f"(columns: {', '.join(columns)}); give JSONL with prompt/response fields or chat messages, "
+                        "plain text, or --text-column") from None
+    if len(column) != 1:
+        raise DataError(f"{source}: a causal LM reads one text column, not a pair; pass --text-column NAME")
+    return LmTable("text", [t for t in frame[column[0]].astype(str).tolist() if t.strip()], source, fingerprint)
+
+
+def _chat_messages(value: Any, source: str, row: int) -> list[dict[str, str]]:
+    ok = isinstance(value, list) and value and all(
+        isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
+        for m in value)
+    if not ok or not any(m["role"] == "assistant" for m in value):
+        raise DataError(f"{source} row {row + 1}: messages must be a list of {{role, content}} with roles system, "
+                        "user or assistant, and at least one assistant turn (the loss is on those); fix the row")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def tokenize_lm(tokenizer: Any, table: LmTable, max_length: int) -> Encoded:
+    """Causal-LM token ids with their targets. Targets are aligned with the positions that predict them (labels[t]
+    is token t + 1, IGNORED where no loss is read: prompts, user turns, the last position), so every loss reads
+    logits[t] against labels[t] as for masked LMs, and nothing shifts again. Text is packed into blocks of max_length; a prompt/response or chat example
+    longer than that is cut at max_length, and one left without a target token is dropped (counted in
+    `Encoded.dropped`)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no end-of-text token, which causal-LM data needs between texts; use a "
+                        "decoder's tokenizer (or kdship train --init ... --objective clm, which trains one)")
+    if table.kind == "text":
+        return _packed_blocks(tokenizer, table.items, max_length, eos)
+    examples = [_prompt_response(tokenizer, p, r, eos) for p, r in table.items] if table.kind == "prompt_response" \
+        else [_chat_example(tokenizer, m, table.source) for m in table.items]
+    features = []
+    for ids, labels in examples:
+        ids, labels = ids[:max_length], next_token_targets(labels[:max_length])
+        if any(label != IGNORED for label in labels):
+            features.append({"input_ids": ids, "labels": labels})
+    if not features:
+        raise DataError(f"{table.source}: no example keeps a response token within max_length {max_length}; raise "
+                        "--max-length or shorten the prompts")
+    return Encoded(features, None, dropped=len(examples) - len(features))
+
+
+def _packed_blocks(tokenizer: Any, texts: list[str], max_length: int, eos: int) -> Encoded:
+    stream: list[int] = []
+    for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]:
+        stream += ids + [eos]
+    blocks = [stream[i:i + max_length] for i in range(0, len(stream), max_length)]
+    blocks = [b for b in blocks if len(b) > 1]  # a lone token has nothing to predict
+    return Encoded([{"input_ids": b, "labels": next_token_targets(b)} for b in blocks], None)
+
+
+def next_token_targets(labels: list[int]) -> list[int]:
+    """Per-token labels (transformers' convention: the token itself) -> the target each position predicts."""
+    return labels[1:] + [IGNORED]
+
+
+def _prompt_response(tokenizer: Any, prompt: str, response: str, eos: int) -> tuple[list[int], list[int]]:
+    if getattr(tokenizer, "chat_template", None):
+        return _chat_example(tokenizer, [{"role": "user", "content": prompt},
+                                         {"role": "assistant", "content": response}], "")
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos]
+    return prompt_ids + response_ids, [IGNORED] * len(prompt_ids) + response_ids
+
+
+def _chat_example(tokenizer: Any, messages: list[dict[str, str]], source: str) -> tuple[list[int], list[int]]:
+    """The conversation as the tokenizer's chat template renders it; targets are the tokens of the assistant turns,
+    found as characters (the text up to a turn with the generation prompt, then through the turn) and mapped to
+    tokens by their offsets: tokenizing the pieces apart would cut tokens that span a turn's edge."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{source} holds chat messages but the tokenizer has no chat template; give prompt/response "
+                        "rows instead, or a tokenizer with a chat template")
+    render = lambda upto, prompt: tokenizer.apply_chat_template(  # noqa: E731
+        messages[:upto], tokenize=False, add_generation_prompt=prompt)
+    text = render(len(messages), False)
+    spans = []
+    for turn, message in enumerate(messages):
+        if message["role"] == "assistant":
+            before, through = render(turn, True), render(turn + 1, False)
+            if not (text.startswith(before) and text.startswith(through)):
+                raise DataError(f"{source}: the tokenizer's chat template renders a conversation's start differently "
+                                "from the whole, so its assistant turns cannot be found; give prompt/response rows")
+            spans.append((len(before), len(through)))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    labels = [token if any(a < end and b > start for start, end in spans) else IGNORED
+              for token, (a, b) in zip(ids, encoded["offset_mapping"])]
+    return ids, labels
+
+
+def lm_texts(table: LmTable) -> Iterator[str]:
+    """Every text of causal-LM examples, in order (what a tokenizer is trained on)."""
+    for item in table.items:
+        if table.kind == "text":
+            yield item
+        elif table.kind == "prompt_response":
+            yield from item
+        else:
+            yield from (m["content"] for m in item)
+
+
+def lm_prompts(table: LmTable, count: int, words: int = 8) -> list[Any]:
+    """Prompts to generate from: the data's prompts (a chat without its last assistant turn), or the first words
+    of its texts."""
+    if table.kind == "prompt_response":
+        return [p for p, _ in table.items[:count]]
+    if table.kind == "chat":
+        return [m[:max(i for i, x in enumerate(m) if x["role"] == "assistant")] for m in table.items[:count]]
+    return [" ".join(t.split()[:words]) for t in table.items[:count] if len(t.split()) > words // 2]

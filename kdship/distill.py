@@ -17,12 +17,14 @@ from kdship.artifacts import staged_dir, with_relative_sources, write_record
 from kdship.config import TEACHER_FREE, DistillConfig, to_record
 from kdship.data import model_inputs, targets, token_mask
 from kdship.errors import ConfigError, ModelError
+from kdship.logit_cache import MANIFEST as CACHE_MANIFEST
+from kdship.logit_cache import TopKCache, cache_about, teacher_fingerprint, write_topk_cache
 from kdship.loop import LoopState, Step, StepInput, StepResult, TrainingPlan, fit, total_steps_for
 from kdship.losses import LossInputs, WeightedLoss, get_loss
-from kdship.models import (build_model, check_tokenizers_match, check_vocab_compatible, config_from_spec,
-                           expand_shorthand, init_from_teacher, is_mlm, is_shape_spec, label_names_of, load_config,
-                           load_tokenizer, max_tokens, relation_heads, task_label_names, under_weights_policy,
-                           uniform_layer_map)
+from kdship.models import (LAYER_KEY, build_model, check_tokenizers_match, check_vocab_compatible, config_from_spec,
+                           expand_shorthand, init_from_teacher, is_causal_lm, is_mlm, is_shape_spec, label_names_of,
+                           load_config, load_tokenizer, max_tokens, model_kind, relation_heads, task_label_names,
+                           under_weights_policy, uniform_layer_map)
 from kdship.run import (RunData, evaluation_for, final_weights, label_metrics, load_run_data, mlm_collator_for,
                         output_record, predict_everywhere, training_run, training_summary, write_model_folder,
                         write_output)
@@ -37,8 +39,8 @@ from kdship.trainee import ATTENTIONS, HIDDEN, QKV, Forward, HiddenProjection, T
 # steps of 32): task KD 76.0% at 5e-4 vs 70.1% at 1e-4, which leaves the majority-class plateau only after ~130
 # steps; weights that already encode language are fine-tuned at the usual 1e-4
 PRETRAINED_LR, RANDOM_INIT_LR = 1e-4, 5e-4
+EMBEDDINGS = re.compile(r"\.(embeddings|embed_tokens|wte|wpe)\.")  # token/position tables (BERT, Llama, GPT-2)
 PROJECTIONS = "projections"  # a student's head mapping its hidden states to the teacher's width
-LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|block)\.(\d+)\.")  # a transformer layer's parameters, by family
 
 
 def _teacher_config(cfg: DistillConfig, source: str | None = None) -> Any:
@@ -46,6 +48,10 @@ def _teacher_config(cfg: DistillConfig, source: str | None = None) -> Any:
     if not source:
         raise ConfigError("no teacher; pass --teacher DIR_OR_HUB_ID")
     config = load_config(source, "teacher")
+    if (cfg.objective == "clm") != is_causal_lm(config) and cfg.objective != "features":
+        fix = "--objective clm needs a decoder teacher (AutoModelForCausalLM)" if cfg.objective == "clm" else \
+            "distil it with --objective clm"
+        raise ModelError(f"teacher {source} is {model_kind(config)}; {fix}")
     cross_task = cfg.cross_task is not None  # its teacher may have other labels, or none (it teaches by features)
     if cfg.objective == "classify" and label_names_of(config) is None and not cross_task:
         raise ModelError(f"teacher {source} has no trained classification head; fine-tune it first with "
@@ -122,6 +128,8 @@ def head_for(cfg: DistillConfig, teacher_config: Any) -> str:
     """The model class to build: the objective's, or for feature matching the teacher's own kind of head."""
     if cfg.objective != "features":
         return cfg.objective
+    if is_causal_lm(teacher_config):
+        return "clm"
     return "mlm" if is_mlm(teacher_config) else "classify"  # a bare encoder (no head) is loaded as a classifier
 
 
@@ -138,11 +146,21 @@ def student_sources(cfg: DistillConfig, family: str) -> dict[str, str]:
 def _student_config(source: str, ref: Reference) -> Any:
     """The config a student will have: its folder's, or its spec's, sized from the teacher (teacher-free: from
     the reference folder, or to the tokenizer)."""
-    if not is_shape_spec(source):
-        return load_config(source, "student")
-    config = config_from_spec(source, base=ref.config)
-    if ref.config is None:
+    config = load_config(source, "student") if not is_shape_spec(source) else config_from_spec(source, base=ref.config)
+    if is_shape_spec(source) and ref.config is None:
         config.vocab_size, config.pad_token_id = len(ref.tokenizer), ref.tokenizer.pad_token_id
+    if not is_shape_spec(source):  # a student of its own reads the teacher's tokens: the same vocabulary, covered
+        if (Path(source) / "tokenizer_config.json").exists() or (Path(source) / "tokenizer.json").exists():
+            check_tokenizers_match(ref.tokenizer, load_tokenizer(source, "student"), source)
+        check_vocab_compatible(config, ref.tokenizer, source)
+    if ref.config is not None and is_causal_lm(ref.config) != is_causal_lm(config):
+        raise ModelError(f"student {source} is {model_kind(config)} but the teacher is {model_kind(ref.config)}; "
+                         "give a student of the teacher's kind (a shape spec of its family, e.g. "
+                         f"{ref.family}:layers=2)")
+    if is_causal_lm(config) and ref.config is not None and config.vocab_size != ref.config.vocab_size:
+        raise ModelError(f"student {source} predicts {config.vocab_size} tokens, the teacher "
+                         f"{ref.config.vocab_size}; token-level distillation compares the two distributions token "
+                         "by token, so the vocabularies must be the same (a shape spec inherits the teacher's)")
     return config
 
 
@@ -160,9 +178,6 @@ def _student(cfg: DistillConfig, name: str, source: str, config: Any, head: str,
         student = build_model(head, config=config, label_names=label_names, attn_eager=eager,
                               match_loss=cfg.match_loss)
     else:
-        if (Path(source) / "tokenizer_config.json").exists() or (Path(source) / "tokenizer.json").exists():
-            check_tokenizers_match(ref.tokenizer, load_tokenizer(source, "student"), source)
-        check_vocab_compatible(config, ref.tokenizer, source)
         names = task_label_names(head, config)
         if names is not None and label_names is not None and len(names) != len(label_names):
             raise ModelError(f"student {source} has {len(names)} labels but the run has {len(label_names)}; use a "
@@ -183,7 +198,8 @@ def _teacher(cfg: DistillConfig, head: str, ref: Reference, needs: set[str], sou
              eager: bool) -> Teacher:
     """The teacher(s) as the step sees them. Weights are loaded when a loss reads the teacher or a student starts
     from its layers; with hard labels alone the teacher only lends its vocabulary and labels and is never run."""
-    weights_read = "teacher" in needs or any(_copies_teacher_layers(cfg, s, ref.config) for s in sources.values())
+    live = "teacher" in needs and not cfg.teacher_cache_folder  # a cache folder stands in for the teacher
+    weights_read = live or any(_copies_teacher_layers(cfg, s, ref.config) for s in sources.values())
     models = [build_model(head, source=s, attn_eager=eager, match_loss=cfg.match_loss)
               for s in cfg.teacher_sources] if weights_read else []
     wants = frozenset({HIDDEN} if "hidden" in needs else set()) | ({ATTENTIONS} if eager else set())
@@ -191,6 +207,39 @@ def _teacher(cfg: DistillConfig, head: str, ref: Reference, needs: set[str], sou
     teacher_labels = task_label_names(head, ref.config) if ref.teacher else None
     return Teacher(models, cfg.teacher_sources, ref.tokenizer, teacher_labels, parameters, wants,
                    weighting=cfg.teacher_weighting, weights=cfg.teacher_weights, temperature=cfg.temperature)
+
+
+def attach_teacher_cache(cfg: DistillConfig, needs: set[str], teacher: Teacher, data: RunData, runtime: Runtime,
+                         run_dir: Path, teacher_config: Any) -> None:
+    """The teacher's outputs read from a cache where the run allows one: a causal LM's top-K cache (made here, or
+    a folder made earlier), after which the teacher is unloaded, or a classifier's logits kept in memory."""
+    if cfg.topk_cache or cfg.teacher_cache_folder:
+        teacher.topk = _topk_cache(cfg, teacher, data, runtime, run_dir, teacher_config.vocab_size)
+        teacher.models = []  # every teacher output now comes from the files
+    else:
+        teacher.cache = cached_teacher_logits(cfg, needs, teacher, data, runtime)
+
+
+def _topk_cache(cfg: DistillConfig, teacher: Teacher, data: RunData, runtime: Runtime, run_dir: Path,
+                vocab_size: int) -> TopKCache:
+    """A cache folder given, checked against this run's data and teacher; or the one this run writes into its run
+    folder (a resumed run reads what its first start wrote)."""
+    about = cache_about(data, teacher_fingerprint(cfg.teacher_sources, combine_settings(cfg)))
+    folder = Path(cfg.teacher_cache_folder) if cfg.teacher_cache_folder else run_dir / "teacher-topk"
+    if cfg.teacher_cache_folder or (folder / CACHE_MANIFEST).exists():
+        cache = TopKCache.open(folder)
+        cache.check_fits(about, vocab_size)
+        return cache
+    teacher.topk_built_here = True
+    return write_topk_cache(folder, teacher.logits, teacher.tokenizer, data.train, cfg.topk_cache, vocab_size,
+                            cfg.eval_batch_size, runtime, about, overwrite=True)
+
+
+def combine_settings(cfg: DistillConfig) -> dict[str, Any] | None:
+    """How several teachers' predictions are combined (part of what their outputs are)."""
+    if len(cfg.teacher_sources) < 2:
+        return None
+    return {"weighting": cfg.teacher_weighting, "weights": cfg.teacher_weights, "temperature": cfg.temperature}
 
 
 def cached_teacher_logits(cfg: DistillConfig, needs: set[str], teacher: Teacher, data: RunData,
@@ -225,7 +274,7 @@ class DistillRun:
 @under_weights_policy
 def distill(cfg: DistillConfig) -> dict[str, Any]:
     with training_run(cfg) as (runtime, run_dir):
-        run = _build_run(cfg, runtime)
+        run = _build_run(cfg, runtime, run_dir)
         plan = TrainingPlan(wrap_step(_step(run), run.techniques), run.evaluate, run.trainees,
                             {"teacher": run.teacher.memory, **technique_memory(run.techniques)}, draw_size_for(cfg),
                             technique_batches(run.techniques))
@@ -234,7 +283,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         return _write_outputs(run, state, run_dir)
 
 
-def _build_run(cfg: DistillConfig, runtime: Runtime) -> DistillRun:
+def _build_run(cfg: DistillConfig, runtime: Runtime, run_dir: Path) -> DistillRun:
     terms = [WeightedLoss(get_loss(spec.name), spec.weight, spec.weight_end, spec.until) for spec in cfg.losses]
     needs = set().union(*(t.loss.needs for t in terms))
     eager = "attentions" in needs  # fused attention kernels do not return attention maps
@@ -252,7 +301,7 @@ def _build_run(cfg: DistillConfig, runtime: Runtime) -> DistillRun:
     teacher.models = [runtime.frozen_module(m, cfg.teacher_sharding) for m in teacher.models] if "teacher" in needs \
         else []
     teacher.qkv_layers = frozenset(t.details["layer_map"][-1] - 1 for t in trainees) if "qkv" in needs else frozenset()
-    teacher.cache = cached_teacher_logits(cfg, needs, teacher, data, runtime)
+    attach_teacher_cache(cfg, needs, teacher, data, runtime, run_dir, ref.config)
     total, _ = total_steps_for(cfg, len(data.train.features), runtime.world, draw_size_for(cfg))
     techniques = build_techniques(TechniqueContext(cfg, trainees, ref.tokenizer, data.train, runtime, total,
                                                    draw_size_for(cfg), teacher, data.label_names))
@@ -290,8 +339,8 @@ def freeze_other_layers(model: nn.Module, layers: list[int]) -> int:
     trainable. Returns how many tensors were frozen."""
     frozen = 0
     for name, parameter in model.named_parameters():
-        match = LAYER_INDEX.search(f".{name}")
-        layer = int(match.group(1)) + 1 if match else (0 if "embeddings" in name else None)
+        match = LAYER_KEY.search(f".{name}")
+        layer = int(match.group(2)) + 1 if match else (0 if EMBEDDINGS.search(f".{name}") else None)
         if layer is not None and layer not in layers:
             parameter.requires_grad_(False)
             frozen += 1
@@ -330,10 +379,12 @@ def _evaluation(cfg: DistillConfig, trainees: list[Trainee], teacher: Teacher, t
 
 
 def _loss_inputs(trainee: Trainee, t_out: TeacherOutputs | None, forward: Forward, batch: dict[str, Any],
-                 needs: set[str], temperature: float) -> LossInputs:
+                 needs: set[str], cfg: DistillConfig) -> LossInputs:
     s_out, heads = forward.output, forward.heads
     x = LossInputs(student_logits=s_out.logits, teacher_logits=t_out and t_out.logits,
-                   labels=targets(batch, s_out.logits), attention_mask=token_mask(batch), temperature=temperature)
+                   teacher_token_ids=t_out and t_out.token_ids,
+                   labels=targets(batch, s_out.logits), attention_mask=token_mask(batch), temperature=cfg.temperature,
+                   beta=cfg.jsd_beta)
     layer_map, layers = trainee.details["layer_map"], trainee.details["feature_layers"]
     if "hidden" in needs:
         x.student_hidden = heads[PROJECTIONS]
@@ -358,7 +409,7 @@ def _step(run: DistillRun) -> Step:
         for t in run.trainees:
             with t.timer.region():
                 forward = forwards[t.name] = t(inputs, x.outputs | outputs)
-                loss_inputs = _loss_inputs(t, t_out, forward, x.tensors, run.needs, run.cfg.temperature)
+                loss_inputs = _loss_inputs(t, t_out, forward, x.tensors, run.needs, run.cfg)
                 values = [term.loss.fn(loss_inputs) for term in run.terms]
                 student_total = sum(term.weight_at(x.progress) * value for term, value in zip(run.terms, values))
             # detached tensors, not floats: .item() would wait for the GPU on every step (the bar reads them rarely)
@@ -374,6 +425,7 @@ def _label(run: DistillRun) -> str:
     several = f" x{len(run.trainees)} students" if run.cfg.students is not None else ""
     teachers = f" from {len(run.teacher.sources)} teachers" if len(run.teacher.sources) > 1 else ""
     teacher = " (teacher cached)" if run.teacher.cache is not None else ""
+    teacher = f" (teacher: top-{run.teacher.topk.k} cache)" if run.teacher.topk is not None else teacher
     teacher = " (no loss reads the teacher: not run)" if not run.teacher.models else teacher
     teacher = " (teacher-free)" if not run.teacher.sources else teacher
     return f"distill{several}{teachers}{teacher}"

@@ -27,17 +27,18 @@ def predict_logits(model: Any, tokenizer: Any, encoded: Encoded, batch_size: int
     return out
 
 
-def mlm_eval_batches(encoded: Encoded, batch_size: int) -> list[list[int]]:
-    """The masked-LM evaluation's batches: fixed, so that its masking (seeded by batch number) is too."""
+def lm_eval_batches(encoded: Encoded, batch_size: int) -> list[list[int]]:
+    """The (masked or causal) LM evaluation's batches: fixed, so that masking (seeded by batch number) is too."""
     from kdship.data import bucket_batches
 
     return bucket_batches(encoded.lengths(), batch_size, seed=0, shuffle=False)
 
 
 @torch.no_grad()
-def mlm_loss_sums(model: Any, tokenizer: Any, encoded: Encoded, batches: list[list[int]], numbers: list[int],
+def lm_loss_sums(model: Any, tokenizer: Any, encoded: Encoded, batches: list[list[int]], numbers: list[int],
                   device: torch.device, mlm_collator: Any) -> tuple[float, int]:
-    """(summed masked-token cross-entropy, masked tokens) over the evaluation batches numbered `numbers`."""
+    """(summed target-token cross-entropy, target tokens) over the evaluation batches numbered `numbers`: masked
+    tokens of a masked LM, next tokens of a causal LM (whose targets the data holds, aligned)."""
     from kdship.data import collate
 
     model.eval()
@@ -55,8 +56,8 @@ def mlm_loss_sums(model: Any, tokenizer: Any, encoded: Encoded, batches: list[li
 def mlm_loss(model: Any, tokenizer: Any, encoded: Encoded, batch_size: int, device: torch.device,
              mlm_collator: Any) -> float:
     """Mean masked-token cross-entropy with a fixed masking seed, so values compare across runs and models."""
-    batches = mlm_eval_batches(encoded, batch_size)
-    total, count = mlm_loss_sums(model, tokenizer, encoded, batches, list(range(len(batches))), device, mlm_collator)
+    batches = lm_eval_batches(encoded, batch_size)
+    total, count = lm_loss_sums(model, tokenizer, encoded, batches, list(range(len(batches))), device, mlm_collator)
     return total / max(count, 1)
 
 
@@ -117,13 +118,17 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from kdship.data import encode_labels, load_table, tokenize
     from kdship.errors import ConfigError, ModelError
     from kdship.runtime import pick_device
-    from kdship.models import build_model, load_config, load_tokenizer, max_tokens, task_label_names
+    from kdship.models import build_model, is_causal_lm, load_config, load_tokenizer, max_tokens, task_label_names
 
     if not cfg.data.eval:
         raise ConfigError("no eval data; pass --data FILE (or data.eval in the recipe)")
     device = pick_device(cfg.device)
     models = {"student": cfg.student} | ({"teacher": cfg.teacher} if cfg.teacher else {})
     configs = {role: load_config(source, role) for role, source in models.items()}
+    if any(is_causal_lm(c) for c in configs.values()):
+        from kdship.lm_eval import evaluate_lm
+
+        return evaluate_lm(cfg, models, configs, device)
     objective = "match" if biencoder_settings(configs["student"]) else "classify"
     names = task_label_names(objective, configs["student"])
     if names is None and objective == "classify":
@@ -220,7 +225,21 @@ def print_eval(result: dict[str, Any]) -> None:
     out.print(table)
     if result["label_names"]:
         out.print(_per_class_table(result["student"]["per_class"]))
+    if result.get("generations", {}).get("samples"):
+        out.print(_generations_table(result))
     out.print(f"wrote {result['output']}")
+
+
+def _generations_table(result: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    roles = [r for r in ("teacher", "student") if r in result]
+    table = Table(title=f"greedy generations ({result['generations']['max_new_tokens']} new tokens at most)")
+    for col in ("prompt", *roles):
+        table.add_column(col, overflow="fold")
+    for sample in result["generations"]["samples"]:
+        table.add_row(sample["prompt"], *(sample[r] for r in roles))
+    return table
 
 
 def _per_class_table(per_class: dict[str, dict[str, Any]]) -> Any:

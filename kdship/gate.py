@@ -12,7 +12,7 @@ from typing import Any
 from kdship.artifacts import atomic_write_json, atomic_write_text, read_json
 from kdship.config import Budgets, GateConfig, SpeedBudget, build_config
 from kdship.errors import CheckFailed, ConfigError
-from kdship.runs import Runs, collect, headline_metrics
+from kdship.runs import Runs, collect, headline_metrics, is_lm_eval
 
 
 @dataclass
@@ -36,6 +36,9 @@ def _eval_checks(budgets: Budgets, runs: Runs) -> list[Check]:
     ev = runs.main_eval()
     if ev is None:
         raise ConfigError("accuracy budgets need an eval.json (kdship eval) among the run folders")
+    if is_lm_eval(ev):
+        raise ConfigError("this evaluation is of a causal LM, which has no accuracy or retention; budget it with "
+                          "max_perplexity, max_perplexity_ratio and min_token_agreement")
     headline = headline_metrics(ev)[0]
     measured = {f"min_{headline}": ev["student"][headline],
                 **{f"min_{k}": v for k, v in ev.get("comparison", {}).items()}}
@@ -49,6 +52,30 @@ def _eval_checks(budgets: Budgets, runs: Runs) -> list[Check]:
         if key not in measured:
             raise ConfigError(f"budget {key} needs a teacher in the evaluation; run kdship eval --teacher ...")
         checks.append(Check.of(f"student {key.removeprefix('min_')}", measured[key], ">=", limit))
+    return checks
+
+
+def _lm_checks(budgets: Budgets, runs: Runs) -> list[Check]:
+    """Causal-LM budgets on the evaluation: the student's perplexity, its ratio to the teacher's, and how often
+    its top next token is the teacher's."""
+    wanted = {"max_perplexity": budgets.max_perplexity, "max_perplexity_ratio": budgets.max_perplexity_ratio,
+              "min_token_agreement": budgets.min_token_agreement}
+    if all(v is None for v in wanted.values()):
+        return []
+    ev = runs.main_eval()
+    if ev is None or not is_lm_eval(ev):
+        raise ConfigError("causal-LM budgets (max_perplexity, max_perplexity_ratio, min_token_agreement) need the "
+                          "eval.json of a causal LM (kdship eval STUDENT --teacher TEACHER --data TEXT) among the runs")
+    measured = {"max_perplexity": ev["student"]["perplexity"], **{
+        f"{'max' if k == 'perplexity_ratio' else 'min'}_{k}": v for k, v in ev.get("comparison", {}).items()}}
+    checks = []
+    for key, limit in wanted.items():
+        if limit is None:
+            continue
+        if key not in measured:
+            raise ConfigError(f"budget {key} needs a teacher in the evaluation; run kdship eval --teacher ...")
+        checks.append(Check.of(f"student {key.split('_', 1)[1]}", measured[key], "<=" if key.startswith("max")
+                               else ">=", limit))
     return checks
 
 
@@ -149,6 +176,14 @@ def _exit_checks(budgets: Budgets, runs: Runs) -> list[Check]:
         for field, key in (("min_accuracy", "accuracy"), ("min_layers_saved", "layers_saved")):
             if getattr(b, field) is not None:
                 checks.append(Check.of(f"{name} exit@{b.threshold:g} {key}", point[key], ">=", getattr(b, field)))
+        if b.min_speedup is not None:
+            timed = curves[name].get("latency_over_inputs")
+            if timed is None:
+                raise ConfigError(f"min_speedup at exit threshold {b.threshold:g} needs the bench's latency (kdship "
+                                  "bench --backend torch --exit-threshold ... -o DIR), not an eval.json")
+            speed = next(p for p in timed["thresholds"] if p["threshold"] == b.threshold)
+            checks.append(Check.of(f"{name} exit@{b.threshold:g} speedup_vs_all_layers", speed["speedup_vs_all_layers"],
+                                   ">=", b.min_speedup))
     return checks
 
 
@@ -182,6 +217,8 @@ def _baseline_checks(cfg: GateConfig, budgets: Budgets, facts: dict[str, float])
             continue
         if key.endswith(("accuracy", "recall_at_1")):
             checks.append(Check.of(f"baseline: {key}", value, ">=", base[key] - tol.accuracy))
+        elif key.endswith("perplexity"):
+            checks.append(Check.of(f"baseline: {key}", value, "<=", base[key] * tol.perplexity_ratio))
         elif tol.latency_ratio is not None:
             checks.append(Check.of(f"baseline: {key}", value, "<=", base[key] * tol.latency_ratio))
     return checks
@@ -200,8 +237,8 @@ def junit_xml(checks: list[Check]) -> str:
 def gate(cfg: GateConfig) -> dict[str, Any]:
     budgets = build_config(Budgets, cfg.budgets, what="budgets file")
     runs = collect(cfg.runs)
-    checks = (_eval_checks(budgets, runs) + _export_checks(budgets, runs) + _exit_checks(budgets, runs)
-              + _speed_checks(budgets, runs, cfg.allow_unstable))
+    checks = (_eval_checks(budgets, runs) + _lm_checks(budgets, runs) + _export_checks(budgets, runs)
+              + _exit_checks(budgets, runs) + _speed_checks(budgets, runs, cfg.allow_unstable))
     if checks and cfg.verify:  # an artifact changed after export passes no budget
         checks = _integrity_checks(runs) + checks
     facts = baseline_facts(runs)

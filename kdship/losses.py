@@ -23,6 +23,7 @@ VARIANCE_FLOOR = 0.1  # hidden_mse: no dimension's variance counts as less than 
 class LossInputs:
     student_logits: Tensor | None = None
     teacher_logits: Tensor | None = None
+    teacher_token_ids: Tensor | None = None  # top-K teacher cache: the vocabulary ids teacher_logits are given for
     labels: Tensor | None = None  # class ids; for MLM, token ids with -100 on unmasked positions
     attention_mask: Tensor | None = None  # [batch, seq], 1 on real tokens
     student_hidden: Sequence[Tensor] = ()  # already projected to the teacher's width, paired with teacher_hidden
@@ -33,6 +34,7 @@ class LossInputs:
     teacher_qkv: Sequence[Tensor] = ()
     relation_heads: int = 1
     temperature: float = 1.0
+    beta: float = 0.5  # jsd's interpolation (GKD): 0 is forward KL, 1 reverse KL
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,40 @@ def soft_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     per_row = (t.exp() * (t - s)).sum(-1)
     return _masked_mean(per_row, mask) * temperature**2
+
+
+def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
+               mask: Tensor | None = None) -> Tensor:
+    """KL(p_student^T || p_teacher^T) · T², averaged over rows: mode-seeking, the student puts its mass where the
+    teacher's is high instead of covering all of it (MiniLLM, Gu et al. 2024)."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return _masked_mean((s.exp() * (s - t)).sum(-1), mask) * temperature**2
+
+
+def generalised_jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float, temperature: float = 1.0,
+                    mask: Tensor | None = None) -> Tensor:
+    """The generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024), as TRL computes it: with the mixture
+    M = beta·p_teacher + (1 - beta)·p_student, beta·KL(p_teacher || M) + (1 - beta)·KL(p_student || M), · T².
+    Its ends are defined as the KLs it tends to in direction: beta 0 is forward KL(p_teacher || p_student), beta 1
+    reverse KL(p_student || p_teacher); 0.5 is the symmetric JSD (at most log 2 per row before T²)."""
+    if beta == 0:
+        return soft_kl(student_logits, teacher_logits, temperature, mask)
+    if beta == 1:
+        return reverse_kl(student_logits, teacher_logits, temperature, mask)
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1 - beta)]), 0)
+    per_row = beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
+    return _masked_mean(per_row, mask) * temperature**2
+
+
+def total_variation(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
+                    mask: Tensor | None = None) -> Tensor:
+    """½·Σ|p_teacher^T - p_student^T| per row, averaged: a bounded distance in [0, 1] (DistiLLM's comparison)."""
+    s = F.softmax(student_logits.float() / temperature, dim=-1)
+    t = F.softmax(teacher_logits.float() / temperature, dim=-1)
+    return _masked_mean(0.5 * (t - s).abs().sum(-1), mask)
 
 
 def hidden_mse(student: Sequence[Tensor], teacher: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
@@ -162,15 +198,57 @@ def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
 
 @register_loss("kd", needs=["logits", "teacher"])
 def kd(x: LossInputs) -> Tensor:
-    """Soft-label KL with temperature, ·T² (Hinton et al. 2015); for MLM only on masked positions."""
-    mask = None if x.labels is None or x.student_logits.dim() == 2 else x.labels.ne(-100)
-    return soft_kl(x.student_logits, x.teacher_logits, x.temperature, mask)
+    """Soft-label KL with temperature, ·T² (Hinton et al. 2015); for LMs only on target tokens."""
+    return soft_kl(*_on_teacher_support(x), x.temperature, _token_mask(x))
+
+
+def _on_teacher_support(x: LossInputs) -> tuple[Tensor, Tensor]:
+    """(student, teacher) logits over the same tokens: the whole vocabulary, or with a top-K teacher cache the
+    teacher's K tokens at each position, where both distributions are renormalised (the softmax over the K
+    gathered scores); the teacher's tail mass beyond them is dropped (kdship.logit_cache records its mean)."""
+    if x.teacher_token_ids is None:
+        return x.student_logits, x.teacher_logits
+    return x.student_logits.gather(-1, x.teacher_token_ids), x.teacher_logits
+
+
+def _token_mask(x: LossInputs) -> Tensor | None:
+    """Rows a logit loss averages over: every row of a classifier; the target tokens of a (masked or causal) LM."""
+    return None if x.labels is None or x.student_logits.dim() == 2 else x.labels.ne(-100)
+
+
+@register_loss("forward_kl", needs=["logits", "teacher"])
+def forward_kl(x: LossInputs) -> Tensor:
+    """KL(teacher || student) per token with temperature, ·T² (mean-seeking; kd by its sequence-model name)."""
+    return soft_kl(*_on_teacher_support(x), x.temperature, _token_mask(x))
+
+
+@register_loss("reverse_kl", needs=["logits", "teacher"])
+def reverse_kl_loss(x: LossInputs) -> Tensor:
+    """KL(student || teacher) per token with temperature, ·T² (mode-seeking, MiniLLM)."""
+    return reverse_kl(*_on_teacher_support(x), x.temperature, _token_mask(x))
+
+
+@register_loss("jsd", needs=["logits", "teacher"])
+def jsd(x: LossInputs) -> Tensor:
+    """Generalised JSD with jsd_beta (GKD): 0 forward KL, 1 reverse KL, between them a bounded mixture."""
+    return generalised_jsd(*_on_teacher_support(x), x.beta, x.temperature, _token_mask(x))
+
+
+@register_loss("tvd", needs=["logits", "teacher"])
+def tvd(x: LossInputs) -> Tensor:
+    """Total variation distance between teacher and student distributions per token, in [0, 1]."""
+    return total_variation(*_on_teacher_support(x), x.temperature, _token_mask(x))
+
+
+def target_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of logits against labels aligned with them (-100: not a target), over classes or tokens."""
+    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100)
 
 
 @register_loss("ce", needs=["logits"])
 def ce(x: LossInputs) -> Tensor:
-    """Hard-label cross-entropy against the data's labels (for MLM: the masked tokens)."""
-    return F.cross_entropy(x.student_logits.float().flatten(0, -2), x.labels.flatten(), ignore_index=-100)
+    """Hard-label cross-entropy against the data's labels (for LMs: the target tokens)."""
+    return target_cross_entropy(x.student_logits, x.labels)
 
 
 @register_loss("hidden_mse", needs=["hidden", "teacher"])

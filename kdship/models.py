@@ -15,11 +15,15 @@ from kdship.errors import ModelError, not_a_folder
 
 # Shape-spec keys -> config attributes (transformers' attribute_map covers families with other names, e.g. DistilBERT).
 SPEC_KEYS = {"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
-             "ffn": "intermediate_size", "vocab": "vocab_size", "max_len": "max_position_embeddings"}
-FFN_ALIASES = ("intermediate_size", "hidden_dim", "ffn_dim")
-LAYER_KEY = re.compile(r"\.layer\.(\d+)\.")  # encoder.layer.N. (BERT, RoBERTa, ELECTRA) / transformer.layer.N. (DistilBERT)
+             "kv_heads": "num_key_value_heads", "ffn": "intermediate_size", "vocab": "vocab_size",
+             "max_len": "max_position_embeddings"}
+FFN_ALIASES = ("intermediate_size", "hidden_dim", "ffn_dim", "n_inner")
+# a transformer layer's parameters, by family: encoder.layer.N. (BERT, RoBERTa, ELECTRA), transformer.layer.N.
+# (DistilBERT), model.layers.N. (Llama, Qwen, Mistral), transformer.h.N. (GPT-2), block.N. (T5-likes)
+LAYER_KEY = re.compile(r"\.(layer|layers|h|block)\.(\d+)\.")
 # What a student made from a spec takes from its teacher unless the spec says otherwise.
-INHERITED = ("vocab_size", "max_position_embeddings", "type_vocab_size", "pad_token_id", "layer_norm_eps")
+INHERITED = ("vocab_size", "max_position_embeddings", "type_vocab_size", "pad_token_id", "bos_token_id", "eos_token_id",
+             "layer_norm_eps", "rms_norm_eps", "tie_word_embeddings")
 
 
 # Families whose position ids start after the padding index, so they hold fewer tokens than their table has rows.
@@ -35,6 +39,15 @@ def max_tokens(requested: int, *configs: Any) -> int:
             offset = (config.pad_token_id or 0) + 1 if config.model_type in OFFSET_POSITIONS else 0
             limits.append(positions - offset)
     return min(limits)
+
+
+def lm_max_length(data: Any, limit: int) -> int:
+    """A causal LM's sequence length, `limit` (max_tokens of the models): a --max-length set beyond a model's
+    positions is refused instead of cut silently, since its sequences would be shorter than asked for."""
+    if limit < data.max_length and "max_length" in data.model_fields_set:
+        raise ModelError(f"--max-length {data.max_length} is longer than the model's {limit} positions; give "
+                         f"--max-length {limit} or less")
+    return limit
 
 
 def expand_shorthand(source: str, family: str) -> str:
@@ -88,7 +101,26 @@ def config_from_spec(spec: str, base: Any = None) -> Any:
     if config.hidden_size % config.num_attention_heads:
         raise ModelError(f"shape spec {spec!r}: hidden {config.hidden_size} is not divisible by heads "
                          f"{config.num_attention_heads}; pick heads that divide hidden")
+    _fit_attention_heads(config, spec, params, base)
     return config
+
+
+def _fit_attention_heads(config: Any, spec: str, params: dict[str, int], base: Any) -> None:
+    """Decoder families with grouped-query attention keep a key/value head count and a head width beside the
+    heads: left at the family's defaults (32 heads of 128 for Llama) they would not fit the spec's sizes. kv_heads
+    defaults to the teacher's when the heads are the teacher's, else to the heads (plain multi-head attention)."""
+    if hasattr(config, "num_key_value_heads"):
+        if "num_key_value_heads" not in params:
+            same_heads = base is not None and getattr(base, "num_attention_heads", None) == config.num_attention_heads
+            config.num_key_value_heads = (getattr(base, "num_key_value_heads", None) if same_heads else None) or \
+                config.num_attention_heads
+        if config.num_attention_heads % config.num_key_value_heads:
+            raise ModelError(f"shape spec {spec!r}: heads {config.num_attention_heads} is not a multiple of kv_heads "
+                             f"{config.num_key_value_heads}; pick kv_heads that divide heads")
+    elif "num_key_value_heads" in params:
+        raise ModelError(f"shape spec {spec!r}: {config.model_type} has no grouped-query attention; drop kv_heads")
+    if getattr(config, "head_dim", None) is not None:
+        config.head_dim = config.hidden_size // config.num_attention_heads
 
 
 def _get_ffn(config: Any) -> int | None:
@@ -146,6 +178,25 @@ def is_mlm(config: Any) -> bool:
     return any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in (config.architectures or []))
 
 
+def is_causal_lm(config: Any) -> bool:
+    """A decoder that predicts the next token (GPT-2, Llama, Qwen, Mistral, ...): saved as one, or of a family
+    that transformers builds only as one."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    saved = config.architectures or []
+    if saved:
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in saved)
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and \
+        config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def model_kind(config: Any) -> str:
+    """What a config says the model is, in the words of an error message."""
+    names = config.architectures or [config.model_type]
+    role = "a causal LM (decoder)" if is_causal_lm(config) else "an encoder"
+    return f"{role} ({names[0]})"
+
+
 def label_names_of(config: Any) -> list[str] | None:
     """The classifier's label names, or None for a model without a trained classification head."""
     if not is_classifier(config):
@@ -199,14 +250,16 @@ def _weights_kwargs(source: str) -> dict[str, Any]:
 
 def build_model(objective: str, source: str | None = None, config: Any = None, label_names: list[str] | None = None,
                 attn_eager: bool = False, match_loss: str | None = None, keep_exits: bool = False) -> Any:
-    """A classifier (objective 'classify'), masked-LM, or bi-encoder ('match', see kdship.biencoder) from a
-    folder/hub id (`source`) or a fresh `config`. For a bi-encoder, `match_loss` in_batch drops a saved
-    pair-classification head (the encoder alone scores pairs), classify keeps it, None takes what was saved."""
-    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
+    """A classifier (objective 'classify'), masked-LM, causal LM ('clm'), or bi-encoder ('match', see
+    kdship.biencoder) from a folder/hub id (`source`) or a fresh `config`. For a bi-encoder, `match_loss` in_batch
+    drops a saved pair-classification head (the encoder alone scores pairs), classify keeps it, None takes what was
+    saved."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
     from kdship.biencoder import SETTINGS_KEY, build_biencoder
 
-    auto = AutoModelForSequenceClassification if objective == "classify" else AutoModelForMaskedLM
+    auto = {"classify": AutoModelForSequenceClassification, "clm": AutoModelForCausalLM}.get(objective,
+                                                                                           AutoModelForMaskedLM)
     kwargs: dict[str, Any] = {"attn_implementation": "eager"} if attn_eager else {}
     if source is not None:
         kwargs |= _weights_kwargs(source)
@@ -238,8 +291,10 @@ def build_model(objective: str, source: str | None = None, config: Any = None, l
                          "weights match its config.json (re-save it with save_pretrained)") from None
     except ValueError as e:
         first = str(e).strip().splitlines()[0]
+        families = "a decoder family such as llama, gpt2, qwen2" if objective == "clm" else \
+            "an encoder family such as bert, roberta, distilbert"
         raise ModelError(f"{source or config.model_type}: cannot build a {objective} model ({first}); "
-                         "use an encoder family such as bert, roberta, distilbert") from None
+                         f"use {families}") from None
     except Exception as e:
         if type(e).__name__ != "SafetensorError":
             raise
@@ -287,7 +342,7 @@ def init_from_teacher(student: Any, teacher: Any, layer_map: list[int]) -> int:
     copied = 0
     new_state = {}
     for key, value in student.state_dict().items():
-        source_key = LAYER_KEY.sub(lambda m: f".layer.{layer_map[int(m.group(1)) + 1] - 1}.", key)
+        source_key = LAYER_KEY.sub(lambda m: f".{m.group(1)}.{layer_map[int(m.group(2)) + 1] - 1}.", key)
         src = teacher_state.get(source_key)
         if src is not None and src.shape == value.shape:
             new_state[key] = src.clone()

@@ -16,7 +16,7 @@ import yaml
 from kdship.artifacts import atomic_write_bytes, atomic_write_text
 from kdship.config import ReportConfig
 from kdship.errors import ConfigError
-from kdship.runs import Runs, collect, headline_metrics
+from kdship.runs import Runs, collect, headline_metrics, is_lm_eval
 
 
 MIN_ACCURACY_SPAN = 0.05
@@ -72,7 +72,7 @@ def training_curves(runs: Runs) -> bytes | None:
     lines = []
     for folder, record in runs.models.items():
         history = record.get("history") or []
-        for metric in ("accuracy", "agreement", "mlm_loss", "recall_at_1"):
+        for metric in ("accuracy", "agreement", "mlm_loss", "lm_loss", "recall_at_1"):
             points = [(h["step"], h[metric]) for h in history if metric in h]
             if len(points) > 1:
                 lines.append((f"{Path(folder).name} {metric}", points))
@@ -174,6 +174,10 @@ def eval_tables(ev: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
         per_class = [[name, _fmt(c["precision"]), _fmt(c["recall"]), _fmt(c["f1"]), str(c["support"])]
                      for name, c in ev["student"]["per_class"].items()]
         tables.append(("Student per class", ["label", "precision", "recall", "f1", "support"], per_class))
+    if ev.get("generations", {}).get("samples"):
+        generations = [[g["prompt"], *(g.get(r, "") for r in roles)] for g in ev["generations"]["samples"]]
+        tables.append((f"Greedy generations (at most {ev['generations']['max_new_tokens']} new tokens)",
+                       ["prompt", *roles], generations))
     return tables
 
 
@@ -230,43 +234,41 @@ def bench_table(bench: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]
 
 
 def exit_items(bench: dict[str, Any]) -> list[Any]:
-    """Per model with early exits: a table of the accuracy at each threshold with where rows stop, the latency
-    measured there, and the accuracy/latency curve (latency at batch 1, the shortest sequence, of this bench)."""
+    """Per model with early exits: the accuracy at each threshold with where rows stop and the mean latency there
+    (real eval texts one at a time, interleaved with all layers), and the accuracy/latency curve."""
     items: list[Any] = []
     for name, curve in bench.get("early_exit", {}).items():
         if "curve" not in curve:
             continue
-        rows = [r for r in bench["results"] if r["model"].split("@")[0] == name]
-        point = min(rows, key=lambda r: (r["batch"], r["seq"]))
-        at = {r.get("exit_threshold"): r for r in rows if (r["batch"], r["seq"]) == (point["batch"], point["seq"])}
+        timing = curve["latency_over_inputs"]
+        at = {p["threshold"]: p for p in timing["thresholds"]}
         table = [[f"{p['threshold']:g}", f"{p['accuracy']:.4f}", f"{p['mean_exit_layer']:.2f}",
-                  f"{p['layers_saved']:.0%}", _fmt(at.get(p["threshold"], {}).get("p50_ms")),
+                  f"{p['layers_saved']:.0%}", f"{at[p['threshold']]['mean_ms']:.3f}",
+                  f"{at[p['threshold']]['speedup_vs_all_layers']:.2f}x",
                   " ".join(f"{k}:{v:.0%}" for k, v in p["exit_distribution"].items())] for p in curve["curve"]]
         table.append(["all layers", f"{curve['final_accuracy']:.4f}", str(curve["num_layers"]), "0%",
-                      _fmt(at.get(None, {}).get("p50_ms")), ""])
-        where = f"{point['backend']} batch {point['batch']} seq {point['seq']}"
-        items.append((f"{name}: early exit ({curve['criterion']}, {curve['n']} eval rows; latency: {where})",
-                      ["threshold", "accuracy", "mean exit layer", "layers saved", "p50 ms", "stops per layer"],
-                      table))
-        measured = [(at[p["threshold"]]["p50_ms"], p["accuracy"], f"{p['threshold']:g}") for p in curve["curve"]
-                    if p["threshold"] in at]
-        if measured:
-            items.append(("plot", f"early_exit_{name}", exit_plot(name, measured, at.get(None), curve, where)))
+                      f"{timing['all_layers_mean_ms']:.3f}", "1.00x", ""])
+        where = f"mean over {timing['inputs']} eval texts, batch 1, {bench['device']}"
+        items.append((f"{name}: early exit ({curve['criterion']}, accuracy on {curve['n']} eval rows; latency: "
+                      f"{where})", ["threshold", "accuracy", "mean exit layer", "layers saved", "mean ms",
+                                    "speedup", "stops per layer"], table))
+        measured = [(at[p["threshold"]]["mean_ms"], p["accuracy"], f"{p['threshold']:g}") for p in curve["curve"]]
+        items.append(("plot", f"early_exit_{name}", exit_plot(name, measured, timing["all_layers_mean_ms"], curve,
+                                                              where)))
     return items
 
 
-def exit_plot(name: str, measured: list[tuple[float, float, str]], full: dict[str, Any] | None,
-              curve: dict[str, Any], where: str) -> bytes:
+def exit_plot(name: str, measured: list[tuple[float, float, str]], full_ms: float, curve: dict[str, Any],
+              where: str) -> bytes:
     fig, ax = _figure()
     ax.plot([m[0] for m in measured], [m[1] for m in measured], marker="o", label="early exit")
     for latency, accuracy, threshold in measured:
         ax.annotate(threshold, (latency, accuracy), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    if full is not None:
-        ax.scatter([full["p50_ms"]], [curve["final_accuracy"]], marker="s", color="black", label="all layers")
-    low = min([m[1] for m in measured] + [curve["final_accuracy"]])
-    ax.set_ylim(top=max(low + MIN_ACCURACY_SPAN, max([m[1] for m in measured] + [curve["final_accuracy"]])) + 0.005,
-                bottom=low - 0.005)
-    ax.set_xlabel(f"p50 latency (ms), {where}")
+    ax.scatter([full_ms], [curve["final_accuracy"]], marker="s", color="black", label="all layers")
+    accuracies = [m[1] for m in measured] + [curve["final_accuracy"]]
+    ax.set_ylim(bottom=min(accuracies) - 0.005, top=max(min(accuracies) + MIN_ACCURACY_SPAN, max(accuracies)) + 0.005)
+    ax.margins(x=0.1)
+    ax.set_xlabel(f"mean latency (ms), {where}")
     ax.set_ylabel("accuracy")
     ax.set_title(f"{name}: accuracy vs latency by exit threshold")
     ax.grid(alpha=0.3)
@@ -281,9 +283,14 @@ def model_table(runs: Runs) -> tuple[str, list[str], list[list[str]]]:
             continue
         params = (r.get("student") or r.get("model") or {}).get("parameters")
         training = r.get("training", {})
-        rows.append([Path(folder).name, r.get("command", ""), _fmt(params), _fmt((r.get("metrics") or {}).get(
-            "accuracy")), str(training.get("steps", "")), _fmt(training.get("samples_per_second"))])
-    return "Training runs", ["model", "made by", "parameters", "best eval accuracy", "steps", "train samples/s"], rows
+        metrics = r.get("metrics") or {}
+        best = next((f"{k} {_fmt(metrics[k])}" for k in BEST_METRICS if k in metrics), "")
+        rows.append([Path(folder).name, r.get("command", ""), _fmt(params), best, str(training.get("steps", "")),
+                     _fmt(training.get("samples_per_second"))])
+    return "Training runs", ["model", "made by", "parameters", "at its best eval", "steps", "train samples/s"], rows
+
+
+BEST_METRICS = ("accuracy", "recall_at_1", "perplexity", "mlm_loss")  # what a record's best step is shown by
 
 
 # ---- rendering -------------------------------------------------------------------------------------------------------
@@ -314,7 +321,7 @@ def build_sections(runs: Runs) -> list[tuple[str, list[Any]]]:
     sections = []
     ev = runs.main_eval()
     if ev:
-        sections.append(("Accuracy", eval_tables(ev)))
+        sections.append(("Quality" if is_lm_eval(ev) else "Accuracy", eval_tables(ev)))
     for folder, verdict in runs.gates.items():
         sections.append(("Gate", [gate_table(folder, verdict)]))
     if runs.models:

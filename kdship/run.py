@@ -15,10 +15,12 @@ from torch import nn
 
 from kdship.artifacts import staged_dir, with_relative_sources, write_record
 from kdship.biencoder import embed_pairs, retrieval_metrics
-from kdship.config import RunConfig
-from kdship.data import Encoded, TextTable, encode_labels, label_names_from_data, load_table, tokenize
+from kdship.config import DataConfig, RunConfig
+from kdship.data import (IGNORED, Encoded, LmTable, TextTable, encode_labels, label_names_from_data, load_lm_table, load_table,
+                         tokenize, tokenize_lm)
 from kdship.errors import ConfigError, ModelError
-from kdship.evaluate import mlm_eval_batches, mlm_loss_sums, predict_logits
+from kdship.evaluate import lm_eval_batches, lm_loss_sums, predict_logits
+from kdship.models import lm_max_length
 from kdship.loop import LoopState, best_dir, run_dir_for_output
 from kdship.runtime import Runtime, seed_everything, start_runtime
 from kdship.sanity import Baseline, checks_record, findings, top_prediction_share, warn
@@ -49,8 +51,8 @@ def training_run(cfg: RunConfig) -> Iterator[tuple[Runtime, Path]]:
 class RunData:
     train: Encoded
     eval: Encoded | None
-    train_table: TextTable
-    eval_table: TextTable | None
+    train_table: TextTable | LmTable
+    eval_table: TextTable | LmTable | None
     label_names: list[str] | None
     max_length: int
 
@@ -62,15 +64,26 @@ class RunData:
         return Baseline.of(list(self.eval.labels), self.label_names)
 
     def record(self) -> dict[str, Any]:
-        tables = {"train": self.train_table, "eval": self.eval_table}
-        record = {name: {"source": t.source, "fingerprint": t.fingerprint, "n": len(t)}
-                  for name, t in tables.items() if t}
+        tables = {"train": (self.train_table, self.train), "eval": (self.eval_table, self.eval)}
+        record = {name: {"source": t.source, "fingerprint": t.fingerprint, "n": len(t), **_lm_shape(t, encoded)}
+                  for name, (t, encoded) in tables.items() if t}
         return {**record, "max_length": self.max_length}
+
+
+def _lm_shape(table: TextTable | LmTable, encoded: Encoded) -> dict[str, Any]:
+    """For causal-LM data: its kind, the sequences it became, the target tokens, and examples dropped as too long."""
+    if not isinstance(table, LmTable):
+        return {}
+    targets = sum(sum(label != IGNORED for label in f["labels"]) for f in encoded.features)
+    return {"kind": table.kind, "sequences": len(encoded.features), "target_tokens": targets,
+            "dropped_too_long": encoded.dropped}
 
 
 def load_run_data(cfg: RunConfig, tokenizer: Any, label_names: list[str] | None, max_length: int) -> RunData:
     """Train (and eval) examples tokenized with `tokenizer` (at most `max_length` tokens, see models.max_tokens);
     labels checked against the model's label names."""
+    if cfg.objective == "clm":
+        return load_lm_data(cfg.data, tokenizer, max_length)
     labelled = cfg.labelled
     label_col = cfg.data.label_column if labelled else None
     train_table = load_table(cfg.data.train, cfg.data.text_columns, label_col, cfg.data.max_train_samples)
@@ -88,6 +101,16 @@ def load_run_data(cfg: RunConfig, tokenizer: Any, label_names: list[str] | None,
                                 apart=cfg.objective == "match")
     return RunData(encode(train_table), encode(eval_table) if eval_table else None, train_table, eval_table,
                    label_names if labelled else None, max_length)
+
+
+def load_lm_data(data: DataConfig, tokenizer: Any, max_length: int) -> RunData:
+    """Causal-LM train (and eval) data: packed text, prompt/response or chat (kdship.data.tokenize_lm)."""
+    max_length = lm_max_length(data, max_length)
+    train_table = load_lm_table(data.train, data.text_columns, data.max_train_samples)
+    eval_table = load_lm_table(data.eval, data.text_columns, data.max_eval_samples) if data.eval else None
+    return RunData(tokenize_lm(tokenizer, train_table, max_length),
+                   tokenize_lm(tokenizer, eval_table, max_length) if eval_table else None, train_table, eval_table,
+                   None, max_length)
 
 
 def mlm_collator_for(cfg: RunConfig, tokenizer: Any) -> Any:
@@ -133,16 +156,22 @@ def embed_everywhere(model: nn.Module, tokenizer: Any, encoded: Encoded, batch_s
     return both[:, 0], both[:, 1]
 
 
-def mlm_loss_everywhere(model: nn.Module, tokenizer: Any, encoded: Encoded, batch_size: int, runtime: Runtime,
+def lm_loss_everywhere(model: nn.Module, tokenizer: Any, encoded: Encoded, batch_size: int, runtime: Runtime,
                         mlm_collator: Any) -> float:
-    """The masked-LM evaluation loss, each process taking an equal share of the fixed evaluation batches: the same
-    batches and masks as one process would use, so the value does not depend on how many processes ran."""
-    batches = mlm_eval_batches(encoded, batch_size)
+    """The mean target-token cross-entropy of a masked LM (with `mlm_collator`'s masking) or a causal LM (targets
+    in the data), each process taking an equal share of the fixed evaluation batches: the same batches and masks
+    as one process would use, so the value does not depend on how many processes ran."""
+    batches = lm_eval_batches(encoded, batch_size)
     mine, padding = my_share(len(batches), runtime)
-    total, count = mlm_loss_sums(model, tokenizer, encoded, batches, mine, runtime.device, mlm_collator)
+    total, count = lm_loss_sums(model, tokenizer, encoded, batches, mine, runtime.device, mlm_collator)
     if padding:  # run as the others do (a sharded model needs every process's forward calls), not counted
-        mlm_loss_sums(model, tokenizer, encoded, batches, [len(batches) - 1] * padding, runtime.device, mlm_collator)
+        lm_loss_sums(model, tokenizer, encoded, batches, [len(batches) - 1] * padding, runtime.device, mlm_collator)
     return runtime.total(total) / max(runtime.total(count), 1)
+
+
+def lm_metrics(loss: float) -> dict[str, float]:
+    """A causal LM's mean next-token cross-entropy on the eval data and its perplexity."""
+    return {"lm_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
 @dataclass
@@ -161,8 +190,11 @@ def evaluation_for(cfg: RunConfig, model: nn.Module, tokenizer: Any, data: RunDa
         return Evaluation(None)
     batch = cfg.eval_batch_size
     if cfg.objective == "mlm":
-        return Evaluation(lambda: {"mlm_loss": mlm_loss_everywhere(model, tokenizer, data.eval, batch, runtime,
+        return Evaluation(lambda: {"mlm_loss": lm_loss_everywhere(model, tokenizer, data.eval, batch, runtime,
                                                                    mlm_collator)}, "mlm_loss", higher_is_better=False)
+    if cfg.objective == "clm":
+        return Evaluation(lambda: lm_metrics(lm_loss_everywhere(model, tokenizer, data.eval, batch, runtime, None)),
+                          "lm_loss", higher_is_better=False)
     if not cfg.labelled:  # in-batch matching: each eval pair's left side retrieves among all right sides
         return Evaluation(lambda: retrieval_metrics(*embed_everywhere(model, tokenizer, data.eval, batch, runtime)),
                           "recall_at_1")

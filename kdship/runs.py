@@ -17,8 +17,18 @@ CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "ece")
 RETRIEVAL_METRICS = ("recall_at_1", "recall_at_5", "mrr")  # in-batch bi-encoders: no labels, pairs retrieve
 
 
+LM_METRICS = ("perplexity", "lm_loss", "next_token_accuracy")  # causal LMs: lower perplexity is better
+
+
+def is_lm_eval(ev: dict[str, Any]) -> bool:
+    return ev.get("objective") == "clm"
+
+
 def headline_metrics(ev: dict[str, Any]) -> tuple[str, ...]:
-    """The metrics an eval.json reports for its kind of model; the first is the one retention is measured on."""
+    """The metrics an eval.json reports for its kind of model; the first is the one retention is measured on (a
+    causal LM's: perplexity, compared as a ratio)."""
+    if is_lm_eval(ev):
+        return LM_METRICS
     return CLASSIFICATION_METRICS if ev["label_names"] else RETRIEVAL_METRICS
 
 
@@ -55,7 +65,7 @@ def _shape_problem(name: str, data: Any) -> str | None:
         student = data.get("student")
         if not isinstance(student, dict) or "label_names" not in data:
             return "no student metrics or label names"
-        metrics = CLASSIFICATION_METRICS if data["label_names"] else RETRIEVAL_METRICS
+        metrics = headline_metrics(data)
         wrong = next((m for m in metrics if not isinstance(student.get(m), (int, float))), None)
         return f"student {wrong} is not a number" if wrong else None
     if name == "bench.json":

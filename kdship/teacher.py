@@ -15,6 +15,7 @@ from torch import nn
 
 from kdship.artifacts import read_record, sha256_file
 from kdship.data import model_inputs
+from kdship.logit_cache import TopKCache
 from kdship.models import captured_qkv
 from kdship.runtime import Runtime
 from kdship.trainee import ATTENTIONS, HIDDEN
@@ -26,6 +27,7 @@ class TeacherOutputs:
     hidden_states: Any = None
     attentions: Any = None
     qkv: dict[int, list[torch.Tensor]] | None = None  # teacher layer -> its query, key and value projections
+    token_ids: torch.Tensor | None = None  # top-K cache: the vocabulary ids `logits` (log-probabilities) are for
 
 
 def combined_logits(logits: list[torch.Tensor], weighting: str, weights: list[float] | None,
@@ -50,8 +52,9 @@ def combined_logits(logits: list[torch.Tensor], weighting: str, weights: list[fl
 
 class Teacher:
     """`models` (none when no loss reads a teacher), combined by `weighting`; `cache` holds the combined logits of
-    every training example when that is all the losses read; `label_map` (cross-task) maps logits into the
-    student's label space. Feature outputs (hidden states, attention maps, q/k/v) come from the first teacher."""
+    every training example when that is all the losses read, `topk` a causal LM's top-K cache on disk (then the
+    models are unloaded); `label_map` (cross-task) maps logits into the student's label space. Feature outputs
+    (hidden states, attention maps, q/k/v) come from the first teacher."""
 
     def __init__(self, models: list[nn.Module], sources: list[str], tokenizer: Any, label_names: list[str] | None,
                  parameters: int | None, wants: frozenset[str] = frozenset(), qkv_layers: frozenset[int] = frozenset(),
@@ -60,6 +63,8 @@ class Teacher:
         self.parameters, self.wants, self.qkv_layers = parameters, wants, qkv_layers
         self.weighting, self.weights, self.temperature = weighting, weights, temperature
         self.cache: torch.Tensor | None = None
+        self.topk: TopKCache | None = None
+        self.topk_built_here = False  # the run ran the teacher to write its top-K cache
         self.label_map: nn.Module | None = None
         self.memory = nn.Module()  # checkpointed with the run: a resumed record counts the whole run's calls
         self.memory.register_buffer("forward_calls", torch.zeros((), dtype=torch.long))
@@ -79,6 +84,9 @@ class Teacher:
         return self.label_map(logits.float()) if self.label_map is not None else logits
 
     def outputs(self, batch: dict[str, torch.Tensor], indices: list[int]) -> TeacherOutputs | None:
+        if self.topk is not None:
+            log_probs, token_ids = self.topk.outputs(batch["labels"], indices)
+            return TeacherOutputs(log_probs, token_ids=token_ids)
         if self.cache is not None:
             return TeacherOutputs(self.mapped(self.cache[torch.as_tensor(indices, device=self.cache.device)]))
         if not self.models:
@@ -102,9 +110,19 @@ class Teacher:
                                for m in self.models])
         return self.mapped(logits) if mapped else logits
 
+    def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The (combined) teachers' scores for model inputs."""
+        return self.combine([m(**inputs).logits for m in self.models])
+
     def record(self, runtime: Runtime) -> dict[str, Any]:
-        return {"teacher_read": bool(self.models), "teacher_cache": self.cache is not None,
-                "teacher_forward_calls": int(runtime.total(int(self.memory.forward_calls)))}
+        return {"teacher_read": bool(self.models) or self.topk_built_here,
+                "teacher_cache": self.cache is not None or self.topk is not None,
+                "teacher_forward_calls": int(runtime.total(int(self.memory.forward_calls))),
+                **({"teacher_topk_cache": self._topk_record()} if self.topk else {})}
+
+    def _topk_record(self) -> dict[str, Any]:
+        made_here = {"folder": "the run folder (removed when the run ends)"} if self.topk_built_here else {}
+        return self.topk.record() | made_here
 
     def identity(self) -> dict[str, Any]:
         """Where the teacher came from, for the record (every teacher, when there are several)."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+END_OF_TEXT = "<|endoftext|>"  # a byte-level BPE's one special token: end of text, and padding (never a target)
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int):
@@ -30,6 +31,21 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int):
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
         mask_token="[MASK]", model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     )
+
+
+def train_byte_bpe(texts: Iterable[str], vocab_size: int):
+    """A GPT-2-style byte-level BPE tokenizer for causal LMs: any text round-trips (no unknown token, spaces and
+    case kept, as generation needs), <|endoftext|> ends every text and pads batches."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT,
+                                   pad_token=END_OF_TEXT, unk_token=None, model_input_names=["input_ids", "attention_mask"])
 
 
 # transformers 5 names the class of a tokenizer built from a `tokenizers` object "TokenizersBackend", a name that

@@ -18,8 +18,9 @@ from kdship.run import RunData, evaluation_for, load_run_data, mlm_collator_for,
 from kdship.runtime import Runtime
 from kdship.techniques import (TechniqueContext, build_techniques, draw_size_for, technique_batches, technique_memory,
                                technique_records, wrap_step)
-from kdship.data import load_table
-from kdship.tokenizer import train_wordpiece
+from kdship.data import lm_texts, load_lm_table, load_table, model_inputs
+from kdship.losses import target_cross_entropy
+from kdship.tokenizer import train_byte_bpe, train_wordpiece
 from kdship.trainee import Trainee
 
 
@@ -44,9 +45,13 @@ def _train(cfg: TrainConfig, runtime: Runtime, run_dir: Path) -> dict[str, Any]:
     # a bi-encoder's pooler gets no gradient, nor does a technique's head once its phase is over
     trainee.distribute(runtime, cfg.sharding, all_used=cfg.objective != "match" and not trainee.heads)
 
+    # a causal LM's data holds its targets aligned with the positions that predict them, which transformers would
+    # shift once more: it gets the inputs alone, and the step scores the targets
+    causal = cfg.objective == "clm"
+
     def step(x: StepInput) -> StepResult:
-        forward = trainee(x.tensors, x.outputs)
-        loss = forward.output.loss
+        forward = trainee(model_inputs(x.tensors) if causal else x.tensors, x.outputs)
+        loss = target_cross_entropy(forward.output.logits, x.tensors["labels"]) if causal else forward.output.loss
         trainee.trace.add(loss.detach())
         return StepResult(loss, {"loss": loss.detach()}, len(x.indices), {trainee.name: forward})
 
@@ -68,8 +73,12 @@ def _tokenizer_for(cfg: TrainConfig, run_dir: Path, runtime: Runtime) -> Any:
         return load_tokenizer(cfg.tokenizer or cfg.model, "tokenizer" if cfg.tokenizer else "model")
     saved = run_dir / "tokenizer"
     if runtime.is_main and not saved.exists():  # a resumed run keeps the tokenizer it started with
-        texts = load_table(cfg.data.train, cfg.data.text_columns, None, cfg.data.max_train_samples).texts
-        train_wordpiece((" ".join(t) for t in texts), cfg.vocab_size).save_pretrained(saved)
+        if cfg.objective == "clm":  # generation needs text that round-trips: byte-level BPE
+            train_byte_bpe(lm_texts(load_lm_table(cfg.data.train, cfg.data.text_columns, cfg.data.max_train_samples)),
+                           cfg.vocab_size).save_pretrained(saved)
+        else:
+            texts = load_table(cfg.data.train, cfg.data.text_columns, None, cfg.data.max_train_samples).texts
+            train_wordpiece((" ".join(t) for t in texts), cfg.vocab_size).save_pretrained(saved)
     runtime.barrier()
     return load_tokenizer(str(saved), "tokenizer")
 
@@ -82,6 +91,8 @@ def _build_train_model(cfg: TrainConfig, tokenizer: Any, data: RunData, config: 
     if "vocab=" not in cfg.init:
         config.vocab_size = len(tokenizer)
     config.pad_token_id = tokenizer.pad_token_id
+    if cfg.objective == "clm":  # generation starts and stops on the tokenizer's tokens, not the family's defaults
+        config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     if config.vocab_size < len(tokenizer):
         raise ModelError(f"--init vocab={config.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens); "
                          "drop vocab= or raise it")

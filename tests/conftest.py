@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +37,25 @@ def kdship_ok(*args: str):
     result = kdship(*args)
     assert result.exit_code == 0, result.output
     return result
+
+
+def kdship_process(args: list[str]) -> subprocess.Popen:
+    """The real CLI in its own process, so that it can be killed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same threads in every run: bitwise-comparable arithmetic
+    return subprocess.Popen([sys.executable, "-m", "kdship.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def sigkill_after_first_checkpoint(run: subprocess.Popen, out: Path, settle_s: float) -> None:
+    """Kill `run` (writing to `out`) with SIGKILL once it has checkpointed and trained on for `settle_s`."""
+    checkpoint = out.with_name(f".{out.name}.kdship-run") / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(settle_s)  # let it run on past the checkpoint, so the kill lands mid-training
+    assert run.poll() is None, "the run ended before it could be killed; raise --max-steps"
+    run.send_signal(signal.SIGKILL)
+    run.wait()
 
 
 @pytest.fixture(scope="session")

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_TEACHER, kdship, kdship_ok
+from conftest import TINY_TEACHER, kdship, kdship_ok, kdship_process, sigkill_after_first_checkpoint
 
 MODEL_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "kdship.json"}
 
@@ -100,30 +97,17 @@ def _distill_args(teacher_dir: Path, data_dir: Path, out: Path, *extra: str) -> 
             "--batch-size", "8", "--save-every", "5", "--eval-every", "50", "--lr", "5e-4", "-o", str(out), *extra]
 
 
-def _cli(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same threads in both runs: bitwise-comparable arithmetic
-    return subprocess.Popen([sys.executable, "-m", "kdship.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
 def test_resume_after_kill_reaches_the_same_weights_and_metrics(teacher_dir, data_dir, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    reference = _cli(_distill_args(teacher_dir, data_dir, straight))
-    victim = _cli(_distill_args(teacher_dir, data_dir, resumed))
-    checkpoint = resumed.parent / ".resumed.kdship-run" / "checkpoint.pt"
-    deadline = time.time() + 120
-    while not checkpoint.exists() and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.3)  # let it run on past the checkpoint, so the kill lands mid-training
-    assert victim.poll() is None, "the run ended before it could be killed; raise --max-steps"
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    reference = kdship_process(_distill_args(teacher_dir, data_dir, straight))
+    victim = kdship_process(_distill_args(teacher_dir, data_dir, resumed))
+    sigkill_after_first_checkpoint(victim, resumed, settle_s=0.3)
     assert not resumed.exists(), "a killed run leaves no output folder"
 
     again = kdship(*_distill_args(teacher_dir, data_dir, resumed))
     assert again.exit_code == 2 and "--resume" in again.stderr
 
-    finished = _cli(_distill_args(teacher_dir, data_dir, resumed, "--resume"))
+    finished = kdship_process(_distill_args(teacher_dir, data_dir, resumed, "--resume"))
     assert finished.wait() == 0, finished.stderr.read()
     assert reference.wait() == 0, reference.stderr.read()
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")

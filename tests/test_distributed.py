@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import kdship, kdship_ok
+from test_clm import lm_data, lm_teacher  # noqa: F401 (fixtures)
 from test_progressive import teachers  # noqa: F401 (a fixture)
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "kdship"]
@@ -180,3 +181,33 @@ def test_a_progressive_pipeline_runs_under_two_processes(teachers, data_dir, tmp
     assert [s["name"] for s in pipeline["stages"]] == ["general", "teacher", "task"]
     final = record(tmp_path / "out" / "student")
     assert final["training"]["processes"] == 2 and "accuracy" in final["metrics"] and "pipeline" in final
+
+
+def test_a_top_k_cache_written_by_two_processes_is_one_processes_and_two_processes_train_from_it(lm_teacher, lm_data,
+                                                                                                 tmp_path):
+    import numpy as np
+
+    args = ["cache-teacher", "--teacher", lm_teacher, "--data", lm_data / "train.txt", "--top-k", 8, "--max-length",
+            32, "--batch-size", 16]
+    kdship_ok(*args, "-o", tmp_path / "one")
+    launch(*args, "-o", tmp_path / "two")
+    one, two = (json.loads((tmp_path / d / "cache.json").read_text()) for d in ("one", "two"))
+    assert one["tokens"] == two["tokens"] and one["mean_tail_mass"] == pytest.approx(two["mean_tail_mass"], abs=1e-4)
+    assert np.array_equal(np.load(tmp_path / "one" / "index.npy"), np.load(tmp_path / "two" / "index.npy"))
+    rows = lambda d, name: np.load(tmp_path / d / f"{name}-00000.npy").astype(np.float32)  # noqa: E731
+    assert np.allclose(rows("one", "log_probs"), rows("two", "log_probs"), atol=2e-3)
+    assert (rows("one", "token_ids") == rows("two", "token_ids")).mean() > 0.999  # (near-ties may swap places)
+
+    launch("distill", "--teacher", lm_teacher, "--student", "llama:layers=1", "--objective", "clm", "--data",
+           lm_data / "train.txt", "--loss", "forward_kl", "--max-steps", 4, "--batch-size", 8, "--max-length", 32,
+           "--teacher-cache", tmp_path / "two", "-o", tmp_path / "student")
+    training = record(tmp_path / "student")["training"]
+    assert training["processes"] == 2 and training["teacher_forward_calls"] == 0
+    assert training["teacher_topk_cache"]["tokens"] == two["tokens"]
+    # a causal-LM teacher sharded with FSDP writes the same cache inside the run (every process as many batches)
+    launch("distill", "--teacher", lm_teacher, "--student", "llama:layers=1", "--objective", "clm", "--data",
+           lm_data / "train.txt", "--loss", "forward_kl", "--max-steps", 4, "--batch-size", 8, "--max-length", 32,
+           "--teacher-cache", "topk:8", "--teacher-sharding", "fsdp", "-o", tmp_path / "sharded")
+    sharded = record(tmp_path / "sharded")["training"]
+    assert sharded["teacher_topk_cache"]["tokens"] == two["tokens"] and sharded["teacher_read"]
+    assert sharded["loss_first"] == pytest.approx(training["loss_first"], rel=1e-3)

@@ -71,14 +71,16 @@ def _registry() -> dict[str, TechniqueDef]:
     from kdship.techniques.curriculum import CURRICULUM
     from kdship.techniques.early_exit import EARLY_EXIT
     from kdship.techniques.ema import EMA
+    from kdship.techniques.on_policy import ON_POLICY
     from kdship.techniques.peers import PEERS
     from kdship.techniques.reverse import REVERSE
     from kdship.techniques.selection import SELECTION
     from kdship.techniques.virtual_teacher import VIRTUAL_TEACHER
 
-    # wrapped in this order, so the last is outermost: selection picks the rows before anything else runs, and the
-    # virtual teacher's (1 - alpha) scales the step's own loss only
-    order = (VIRTUAL_TEACHER, REVERSE, EARLY_EXIT, PEERS, EMA, CROSS_TASK, CURRICULUM, SELECTION)
+    # wrapped in this order, so the last is outermost: selection picks the rows before anything else runs, on-policy
+    # sampling replaces them before any other technique reads them, and the virtual teacher's (1 - alpha) scales
+    # the step's own loss only
+    order = (VIRTUAL_TEACHER, REVERSE, EARLY_EXIT, PEERS, EMA, CROSS_TASK, CURRICULUM, ON_POLICY, SELECTION)
     return {t.name: t for t in order}
 
 
