@@ -40,14 +40,15 @@ from kdship.train import train
 
 CPU = {"teacher": "llama:layers=4,hidden=256,heads=4,kv_heads=2,ffn=768,max_len=256", "vocab": 8000,
        "corpus_lines": 120_000, "teacher_steps": 2000, "teacher_lr": 2e-3, "steps": 600, "lr": 1e-3, "batch": 16,
-       "seq": 128, "eval_lines": 1500, "eval_every": 200,
+       "seq": 128, "eval_lines": 1500, "eval_every": 200, "speed_steps": 100,
        "students": {"half_depth": "llama:layers=2", "quarter_size": "llama:layers=2,hidden=128,heads=2,kv_heads=1,ffn=384"}}
 GPU = {**CPU, "teacher": "llama:layers=8,hidden=512,heads=8,kv_heads=4,ffn=1536,max_len=512", "vocab": 16000,
        "corpus_lines": 1_000_000, "teacher_steps": 6000, "steps": 2000, "batch": 64, "seq": 256, "eval_lines": 4000,
        "eval_every": 500,
        "students": {"half_depth": "llama:layers=4", "quarter_size": "llama:layers=4,hidden=256,heads=4,kv_heads=2,ffn=768"}}
-QUICK = {**CPU, "corpus_lines": 3000, "teacher_steps": 10, "steps": 4, "eval_lines": 50, "eval_every": 2, "vocab": 600}
-TOP_K, SPEED_STEPS = 64, 100
+QUICK = {**CPU, "corpus_lines": 3000, "teacher_steps": 10, "steps": 4, "eval_lines": 50, "eval_every": 2, "vocab": 600,
+         "speed_steps": 5}
+TOP_K = 64
 LOSSES = {"forward_kl": [{"name": "forward_kl"}], "reverse_kl": [{"name": "reverse_kl"}],
           "jsd": [{"name": "jsd"}], "hard_labels": [{"name": "ce"}]}
 
@@ -87,7 +88,7 @@ def distill_student(s: dict[str, Any], teacher: Path, spec: str, loss: str, out:
 
 def run_student(s: dict[str, Any], teacher: Path, name: str, spec: str, loss: str, work: Path,
                 teacher_cache: str = "auto") -> dict[str, Any]:
-    out = work / (f"{name}-{loss}" + ("-cached" if teacher_cache != "auto" else ""))
+    out = work / f"{name}-{loss}"
     started = time.perf_counter()
     distill_student(s, teacher, spec, loss, out, s["steps"], wikitext(s, work), teacher_cache)
     seconds = time.perf_counter() - started
@@ -121,10 +122,11 @@ def topk_cache_effect(s: dict[str, Any], teacher: Path, work: Path, live: dict[s
     speeds: dict[str, list[float]] = {"live": [], "cached": []}
     for _ in range(2):
         for mode, setting in (("live", "auto"), ("cached", str(cache))):
-            result = distill_student(s, teacher, spec, "forward_kl", work / f"speed-{mode}", SPEED_STEPS, None, setting)
+            result = distill_student(s, teacher, spec, "forward_kl", work / f"speed-{mode}", s["speed_steps"], None,
+                                     setting)
             speeds[mode].append(result["training"]["samples_per_second"])
     median = {mode: statistics.median(v) for mode, v in speeds.items()}
-    cached = run_student(s, teacher, "quarter_size", spec, "forward_kl", work, str(cache))
+    cached = run_student(s, teacher, f"quarter_size_top{TOP_K}_cache", spec, "forward_kl", work, str(cache))
     train_speedup = median["cached"] / median["live"]
     saved_per_run = s["steps"] * s["batch"] * (1 / median["live"] - 1 / median["cached"])
     out = {"k": TOP_K, **{key: made[key] for key in ("tokens", "bytes", "bytes_per_token", "mean_tail_mass",

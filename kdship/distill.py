@@ -425,8 +425,8 @@ def _label(run: DistillRun) -> str:
     several = f" x{len(run.trainees)} students" if run.cfg.students is not None else ""
     teachers = f" from {len(run.teacher.sources)} teachers" if len(run.teacher.sources) > 1 else ""
     teacher = " (teacher cached)" if run.teacher.cache is not None else ""
-    teacher = f" (teacher: top-{run.teacher.topk.k} cache)" if run.teacher.topk is not None else teacher
     teacher = " (no loss reads the teacher: not run)" if not run.teacher.models else teacher
+    teacher = f" (teacher: its top-{run.teacher.topk.k} cache)" if run.teacher.topk is not None else teacher
     teacher = " (teacher-free)" if not run.teacher.sources else teacher
     return f"distill{several}{teachers}{teacher}"
 

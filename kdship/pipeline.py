@@ -121,7 +121,7 @@ def resolve(p: PipelineConfig) -> list[Stage]:
 
 def preflight(stages: list[Stage]) -> None:
     """Open each stage's teacher config and first data rows now, so a typo in stage 4 does not cost stages 1-3."""
-    from kdship.data import load_table
+    from kdship.data import load_lm_table, load_table
     from kdship.distill import _teacher_config
     from kdship.models import load_config
 
@@ -130,8 +130,11 @@ def preflight(stages: list[Stage]) -> None:
         try:
             if stage.spec.teacher != PREVIOUS:  # (a previous stage's student does not exist yet)
                 _teacher_config(cfg)
-            label = cfg.data.label_column if cfg.labelled else None
-            load_table(cfg.data.train, cfg.data.text_columns, label, max_samples=2)
+            if cfg.objective == "clm":
+                load_lm_table(cfg.data.train, cfg.data.text_columns, max_samples=2)
+            else:
+                label = cfg.data.label_column if cfg.labelled else None
+                load_table(cfg.data.train, cfg.data.text_columns, label, max_samples=2)
             if cfg.selection:
                 load_config(cfg.selection.by, "scoring model")
         except KdshipError as e:

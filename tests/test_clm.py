@@ -500,3 +500,22 @@ def test_distill_with_on_policy_batches_records_them_and_refuses_plain_text(lm_t
     _refused(kdship("distill", "--teacher", lm_teacher, "--student", "llama:layers=1", "--objective", "clm", "--data",
                     lm_data / "train.jsonl", "--on-policy-ratio", "0.5", "--teacher-cache", "topk:8", "-o",
                     tmp_path / "cached"), "without a top-K teacher cache", tmp_path / "cached")
+
+
+def test_a_progressive_pipeline_from_text_to_prompt_response_data(lm_teacher, lm_data, tmp_path):
+    recipe = tmp_path / "progressive.yaml"
+    recipe.write_text(f"""
+teachers: {{lm: {lm_teacher}}}
+datasets:
+  text: {{train: {lm_data / 'train.txt'}, max_length: 32}}
+  instructions: {{train: {lm_data / 'train.jsonl'}, max_length: 32}}
+student: llama:layers=1
+common: {{objective: clm, batch_size: 8, temperature: 1.0}}
+stages:
+  - {{name: general, teacher: lm, data: text, losses: [{{name: forward_kl}}], max_steps: 3}}
+  - {{name: instructions, teacher: lm, data: instructions, losses: [{{name: forward_kl}}], max_steps: 3}}
+""")
+    kdship_ok("distill", "--recipe", recipe, "-o", tmp_path / "out")
+    first, second = (_record(tmp_path / "out" / "stages" / name) for name in ("01-general", "02-instructions"))
+    assert first["data"]["train"]["kind"] == "text" and second["data"]["train"]["kind"] == "prompt_response"
+    assert Path(second["student"]["source"]).name == "01-general"  # stage 2 continues stage 1's student
