@@ -165,25 +165,39 @@ def write_topk_cache(folder: Path, teacher_logits: Callable[[dict[str, Any]], to
     counts = [sum(label != IGNORED for label in f["labels"]) for f in encoded.features]
     index, shard_rows = _layout(counts)
     staging = Path(runtime.from_main(_new_staging(folder, overwrite) if runtime.is_main else None))
-    if runtime.is_main:
-        for shard, rows in enumerate(shard_rows):
-            for name, dtype in zip(_shard_names(shard), (np.float16, np.int32)):
-                np.lib.format.open_memmap(staging / name, mode="w+", dtype=dtype, shape=(rows, k)).flush()
-    runtime.barrier()
-    tail = runtime.total(_fill_share(staging, teacher_logits, tokenizer, encoded, index, k, batch_size, runtime))
-    if runtime.is_main:
-        tokens = int(sum(counts))
-        np.save(staging / "index.npy", index)
-        atomic_write_json(staging / MANIFEST, {
-            "format": CACHE_FORMAT, "k": k, "vocab_size": vocab_size, "examples": len(counts), "tokens": tokens,
-            "bytes_per_token": k * 6, "bytes": tokens * k * 6, "shard_rows": shard_rows,
-            "mean_tail_mass": round(tail / max(tokens, 1), 6),
-            "build_seconds": round(time.perf_counter() - started, 3), **about})
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    runtime.barrier()
+    try:
+        if runtime.is_main:
+            _allocate_shards(staging, shard_rows, k)
+        runtime.barrier()
+        tail = runtime.total(_fill_share(staging, teacher_logits, tokenizer, encoded, index, k, batch_size, runtime))
+        if runtime.is_main:
+            tokens = int(sum(counts))
+            _publish(staging, folder, index, {
+                "format": CACHE_FORMAT, "k": k, "vocab_size": vocab_size, "examples": len(counts), "tokens": tokens,
+                "bytes_per_token": k * 6, "bytes": tokens * k * 6, "shard_rows": shard_rows,
+                "mean_tail_mass": round(tail / max(tokens, 1), 6),
+                "build_seconds": round(time.perf_counter() - started, 3), **about})
+        runtime.barrier()
+    except BaseException:  # an error or Ctrl-C: no half-written cache stays beside the output
+        if runtime.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     return TopKCache.open(folder)
+
+
+def _allocate_shards(staging: Path, shard_rows: list[int], k: int) -> None:
+    for shard, rows in enumerate(shard_rows):
+        for name, dtype in zip(_shard_names(shard), (np.float16, np.int32)):
+            np.lib.format.open_memmap(staging / name, mode="w+", dtype=dtype, shape=(rows, k)).flush()
+
+
+def _publish(staging: Path, folder: Path, index: np.ndarray, manifest: dict[str, Any]) -> None:
+    """The index and manifest written last, then the folder renamed into place: a cache is complete or absent."""
+    np.save(staging / "index.npy", index)
+    atomic_write_json(staging / MANIFEST, manifest)
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.rename(folder)
 
 
 def _new_staging(folder: Path, overwrite: bool) -> str:
