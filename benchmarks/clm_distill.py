@@ -43,8 +43,8 @@ CPU = {"teacher": "llama:layers=4,hidden=256,heads=4,kv_heads=2,ffn=768,max_len=
        "seq": 128, "eval_lines": 1500, "eval_every": 200, "speed_steps": 100,
        "students": {"half_depth": "llama:layers=2", "quarter_size": "llama:layers=2,hidden=128,heads=2,kv_heads=1,ffn=384"}}
 GPU = {**CPU, "teacher": "llama:layers=8,hidden=512,heads=8,kv_heads=4,ffn=1536,max_len=512", "vocab": 16000,
-       "corpus_lines": 1_000_000, "teacher_steps": 6000, "steps": 2000, "batch": 64, "seq": 256, "eval_lines": 4000,
-       "eval_every": 500,
+       "corpus_lines": 400_000, "teacher_steps": 3000, "steps": 1000, "batch": 64, "seq": 256, "eval_lines": 4000,
+       "eval_every": 250, "speed_steps": 200,
        "students": {"half_depth": "llama:layers=4", "quarter_size": "llama:layers=4,hidden=256,heads=4,kv_heads=2,ffn=768"}}
 QUICK = {**CPU, "corpus_lines": 3000, "teacher_steps": 10, "steps": 4, "eval_lines": 50, "eval_every": 2, "vocab": 600,
          "speed_steps": 5}

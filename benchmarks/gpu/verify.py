@@ -168,6 +168,21 @@ def part_seed_claims(work: Path, dry: bool) -> dict[str, Any]:
     return {"claims": [line for line in run.stdout.splitlines() if line.startswith(("held", "NOT held"))]}
 
 
+def part_clm(work: Path, dry: bool) -> dict[str, Any]:
+    """benchmarks/clm_distill.py at its GPU budget (--quick on a dry run), on the corpus and WikiText-2 carried
+    beside the checkout; its own JSON is benchmarks/results/clm_distill_gpu.json."""
+    shared = CARRIED_SHARED if (CARRIED_SHARED / "data" / "corpus").is_dir() else ROOT.parent / "shared"
+    if not (shared / "data" / "corpus").is_dir() or not (shared / "data" / "wikitext2").is_dir():
+        raise RuntimeError(f"needs ../shared's data/corpus and data/wikitext2 at {CARRIED_SHARED}: copy them there "
+                           "and carry the folder")
+    command = [sys.executable, str(ROOT / "benchmarks" / "clm_distill.py"), "--work", str(work / "clm"),
+               "--quick" if dry else "--gpu"]
+    run = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "KDSHIP_SHARED": str(shared)})
+    if run.returncode:
+        raise RuntimeError(run.stderr[-2000:])
+    return {"summary": [line for line in run.stdout.splitlines() if ": best " in line or "cache:" in line]}
+
+
 def run_part(name: str, fn: Callable[[], Any], out: Path, env: dict[str, Any], dry: bool) -> None:
     started = time.perf_counter()
     try:
@@ -186,6 +201,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="where the JSON goes (default benchmarks/results, dry: a temp dir)")
     parser.add_argument("--seed-claims", action="store_true", help="only benchmarks/seed_claims.py at its GPU "
                         "budget (a second call: it does not fit beside the rest in one)")
+    parser.add_argument("--clm", action="store_true", help="only benchmarks/clm_distill.py at its GPU budget (a "
+                        "third call)")
     args = parser.parse_args()
     s = DRY if args.dry_run else FULL
     out = args.out or (Path(tempfile.mkdtemp(prefix="kdship-verify-")) if args.dry_run else ROOT / "benchmarks" / "results")
@@ -199,6 +216,9 @@ def main() -> None:
         sys.exit(2)
     if args.seed_claims:
         run_part("seed_claims", lambda: part_seed_claims(work, args.dry_run), out, env, args.dry_run)
+        return
+    if args.clm:
+        run_part("clm", lambda: part_clm(work, args.dry_run), out, env, args.dry_run)
         return
     models = make_models(s, work)
     run_part("tests", lambda: part_tests(s, work, args.dry_run), out, env, args.dry_run)

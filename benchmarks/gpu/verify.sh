@@ -16,6 +16,9 @@
 # (data/sst2, data/corpus, data/wikitext2, minilm/ from get-minilm.sh): carry that folder; MiniLM's fp32 weights
 # (88 MB) exceed one call's 64 MiB, so split model.safetensors over two calls and rejoin it there (cat).
 #   bash benchmarks/gpu/verify.sh --seed-claims
+# A third call runs benchmarks/clm_distill.py at its GPU budget (issue 17: a larger decoder teacher and students;
+# sized for ~8 minutes, not yet run on a GPU), on the same carried data/corpus and data/wikitext2.
+#   bash benchmarks/gpu/verify.sh --clm
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 exec python benchmarks/gpu/verify.py "$@"
