@@ -505,6 +505,8 @@ def evaluate(
                                                         "export, bench and serve name theirs")] = None,
     student: Annotated[Optional[str], typer.Option("--student", help="the same, as an option (older spelling)")] = None,
     teacher: Annotated[Optional[str], typer.Option("--teacher", help="teacher folder (for retention/agreement)")] = None,
+    objective: Annotated[Optional[str], typer.Option("--objective", help="auto (read from the models) | classify | "
+                                                     "match | clm: checked against the models")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="eval data file or hub id[:split]")] = None,
     text_column: TextColumn = None, label_column: LabelColumn = None, max_length: MaxLength = None,
     max_eval_samples: MaxEval = None,
@@ -530,7 +532,8 @@ def evaluate(
         raise ConfigError(f"two models to evaluate: {model} and --student {student}; give one")
     if not (model or student or recipe):
         raise ConfigError("no model to evaluate; kdship eval STUDENT --teacher TEACHER --data DEV")
-    cfg = build_config(EvalConfig, recipe, student=model or student, teacher=teacher, batch_size=batch_size, device=device,
+    cfg = build_config(EvalConfig, recipe, student=model or student, teacher=teacher, objective=objective,
+                       batch_size=batch_size, device=device,
                        output=output, data=_data(None, data, text_column, label_column, max_length, None,
                                                  max_eval_samples), allow_pickle_weights=allow_pickle_weights,
                        exit_thresholds=_numbers(exit_thresholds, "--exit-threshold"), exit_criterion=exit_criterion,

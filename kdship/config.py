@@ -547,6 +547,8 @@ class EvalConfig(Strict):
 
     teacher: str | None = None
     student: str
+    objective: Literal["auto", "classify", "match", "clm"] = Field(
+        "auto", description="what the models are (classifier, bi-encoder, causal LM): read from them; given, checked")
     data: DataConfig = DataConfig()
     batch_size: int = Field(128, ge=1)
     prompts: str | None = Field(None, description="causal LMs: a text file of prompts (one per line) to generate "

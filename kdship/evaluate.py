@@ -118,18 +118,23 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from kdship.data import encode_labels, load_table, tokenize
     from kdship.errors import ConfigError, ModelError
     from kdship.runtime import pick_device
-    from kdship.models import build_model, is_causal_lm, load_config, load_tokenizer, max_tokens, task_label_names
+    from kdship.models import (build_model, is_causal_lm, load_config, load_tokenizer, max_tokens, model_kind,
+                               task_label_names)
 
     if not cfg.data.eval:
         raise ConfigError("no eval data; pass --data FILE (or data.eval in the recipe)")
     device = pick_device(cfg.device)
     models = {"student": cfg.student} | ({"teacher": cfg.teacher} if cfg.teacher else {})
     configs = {role: load_config(source, role) for role, source in models.items()}
-    if any(is_causal_lm(c) for c in configs.values()):
+    objective = "clm" if any(is_causal_lm(c) for c in configs.values()) else \
+        "match" if biencoder_settings(configs["student"]) else "classify"
+    if cfg.objective not in ("auto", objective):
+        raise ModelError(f"--objective {cfg.objective}, but student {cfg.student} is {model_kind(configs['student'])}; "
+                         "drop --objective (it is read from the models) or evaluate a model of that kind")
+    if objective == "clm":
         from kdship.lm_eval import evaluate_lm
 
         return evaluate_lm(cfg, models, configs, device)
-    objective = "match" if biencoder_settings(configs["student"]) else "classify"
     names = task_label_names(objective, configs["student"])
     if names is None and objective == "classify":
         raise ModelError(f"student {cfg.student} has no classification head; train or distill it first")

@@ -239,8 +239,8 @@ def test_distill_clm_on_prompt_response_data_then_eval_gate_and_report(lm_teache
 
 
 def test_eval_of_a_student_identical_to_the_teacher_agrees_on_every_token(lm_teacher, lm_data, tmp_path):
-    kdship_ok("eval", lm_teacher, "--teacher", lm_teacher, "--data", lm_data / "dev.txt", "-o", tmp_path / "e.json",
-              "--generations", 2)
+    kdship_ok("eval", lm_teacher, "--teacher", lm_teacher, "--objective", "clm", "--data", lm_data / "dev.txt", "-o",
+              tmp_path / "e.json", "--generations", 2)
     ev = json.loads((tmp_path / "e.json").read_text())
     assert ev["comparison"] == {"perplexity_ratio": 1.0, "token_agreement": 1.0}
     assert all(s["student"] == s["teacher"] for s in ev["generations"]["samples"])
@@ -302,6 +302,8 @@ def test_an_encoder_teacher_for_clm_and_a_decoder_teacher_for_classify_are_refus
                     data_dir / "train.tsv", "-o", out), "distil it with --objective clm", out)
     _refused(kdship("distill", "--teacher", lm_teacher, "--student", TINY_TEACHER, "--objective", "clm", "--data",
                     lm_data / "train.txt", "-o", out), "give a student of the teacher's kind", out)
+    _refused(kdship("eval", teacher_dir, "--objective", "clm", "--data", data_dir / "dev.tsv", "-o", out),
+             "--objective clm, but student", out)
 
 
 def test_a_student_with_another_vocabulary_is_refused_before_training(lm_teacher, lm_data, tmp_path):
