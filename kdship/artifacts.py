@@ -66,6 +66,8 @@ def sha256_file(path: Path) -> str:
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise KdshipError(f"output {out} is a file, so nothing can be written under it; give a folder (-o DIR)")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise KdshipError(f"output dir {out} already exists; pass --overwrite or choose another -o")
 

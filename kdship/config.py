@@ -398,10 +398,13 @@ class DistillConfig(RunConfig):
     @classmethod
     def _teacher_free_losses(cls, values: Any) -> Any:
         """A teacher-free technique without a teacher: the default losses are the labels' alone (kd would have
-        nothing to read)."""
+        nothing to read); on-policy distillation: jsd alone (the labels of sampled batches are the samples)."""
         if isinstance(values, dict) and not values.get("teacher") and not values.get("teachers") \
                 and "losses" not in values and any(values.get(k) is not None for k in TEACHER_FREE):
             return {**values, "losses": [{"name": "ce", "weight": 1.0}]}
+        if isinstance(values, dict) and "losses" not in values and (values.get("on_policy") or
+                                                                    values.get("on_policy_ratio") is not None):
+            return {**values, "losses": [{"name": "jsd", "weight": 1.0}]}  # GKD: the divergence alone
         return values
 
     @property
@@ -434,6 +437,10 @@ class DistillConfig(RunConfig):
         if self.selection and self.students:
             raise ValueError("sample-value selection scores samples for one trained model; with several students, "
                              "distill them without selection (or one at a time)")
+        own = [s.name for s in self.losses if "teacher" not in LOSSES[s.name].needs]
+        if self.on_policy and own:
+            raise ValueError(f"on_policy: {', '.join(own)} would train the student on its own samples (their targets "
+                             "are what it sampled); give the teacher-reading losses only, e.g. --loss jsd")
         if self.on_policy and (self.objective != "clm" or self.topk_cache or self.teacher_cache_folder):
             raise ValueError("on_policy samples a causal LM's continuations and the teacher scores them live: use "
                              "objective clm without a top-K teacher cache (it holds only the data's tokens)")

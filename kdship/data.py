@@ -375,9 +375,31 @@ def load_lm_table(source: str, text_columns: Sequence[str] | None = None, max_sa
         table = _lm_table_from_frame(frame, text_columns, source, f"hub:{source}:{len(frame)}")
     if len(table) == 0:
         raise DataError(f"data {source} holds no examples; give a file with at least one row")
-    if max_samples is not None:
-        table = LmTable(table.kind, table.items[:max_samples], table.source, table.fingerprint + f":first{max_samples}")
-    return table
+    return _first_rows(table, max_samples)
+
+
+def _first_rows(table: LmTable, count: int | None) -> LmTable:
+    if count is None:
+        return table
+    return LmTable(table.kind, table.items[:count], table.source, table.fingerprint + f":first{count}")
+
+
+def load_prompt_table(source: str, max_samples: int | None = None) -> LmTable:
+    """Prompts to continue: a table's `prompt` column (responses beside it are ignored: they are written anew),
+    chat `messages` (a conversation may end with the user's turn), or any data load_lm_table reads."""
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
+        frame = _read_frame(path)
+        if "prompt" in frame.columns:
+            prompts = frame["prompt"].tolist()
+            bad = next((i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()), None)
+            if bad is not None:
+                raise DataError(f"{source} row {bad + 1}: the prompt must be a non-empty string; fix or drop the row")
+            return _first_rows(LmTable("prompts", prompts, str(path), _file_fingerprint([path])), max_samples)
+        if "messages" in frame.columns:
+            chats = [_chat_messages(m, source, i, needs_assistant=False) for i, m in enumerate(frame["messages"])]
+            return _first_rows(LmTable("chat", chats, str(path), _file_fingerprint([path])), max_samples)
+    return load_lm_table(source, None, max_samples)
 
 
 def _lm_table_from_frame(frame: Any, text_columns: Sequence[str] | None, source: str, fingerprint: str) -> LmTable:
@@ -404,11 +426,11 @@ def _lm_table_from_frame(frame: Any, text_columns: Sequence[str] | None, source:
     return LmTable("text", [t for t in frame[column[0]].astype(str).tolist() if t.strip()], source, fingerprint)
 
 
-def _chat_messages(value: Any, source: str, row: int) -> list[dict[str, str]]:
+def _chat_messages(value: Any, source: str, row: int, needs_assistant: bool = True) -> list[dict[str, str]]:
     ok = isinstance(value, list) and value and all(
         isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
         for m in value)
-    if not ok or not any(m["role"] == "assistant" for m in value):
+    if not ok or (needs_assistant and not any(m["role"] == "assistant" for m in value)):
         raise DataError(f"{source} row {row + 1}: messages must be a list of {{role, content}} with roles system, "
                         "user or assistant, and at least one assistant turn (the loss is on those); fix the row")
     return [{"role": m["role"], "content": m["content"]} for m in value]

@@ -224,7 +224,9 @@ def _topk_cache(cfg: DistillConfig, teacher: Teacher, data: RunData, runtime: Ru
                 vocab_size: int) -> TopKCache:
     """A cache folder given, checked against this run's data and teacher; or the one this run writes into its run
     folder (a resumed run reads what its first start wrote)."""
-    about = cache_about(data, teacher_fingerprint(cfg.teacher_sources, combine_settings(cfg)))
+    identity = runtime.from_main(teacher_fingerprint(cfg.teacher_sources, combine_settings(cfg)) if runtime.is_main
+                                 else None)  # (hashing a large teacher's weights once, not once per process)
+    about = cache_about(data, identity)
     folder = Path(cfg.teacher_cache_folder) if cfg.teacher_cache_folder else run_dir / "teacher-topk"
     if cfg.teacher_cache_folder or (folder / CACHE_MANIFEST).exists():
         cache = TopKCache.open(folder)
@@ -232,7 +234,8 @@ def _topk_cache(cfg: DistillConfig, teacher: Teacher, data: RunData, runtime: Ru
         return cache
     teacher.topk_built_here = True
     return write_topk_cache(folder, teacher.logits, teacher.tokenizer, data.train, cfg.topk_cache, vocab_size,
-                            cfg.eval_batch_size, runtime, about, overwrite=True)
+                            cfg.batch_size, runtime, about, overwrite=True)  # (full-vocabulary logits: the
+    # training batch, which the device holds beside the student, not the larger eval batch)
 
 
 def combine_settings(cfg: DistillConfig) -> dict[str, Any] | None:
@@ -304,7 +307,7 @@ def _build_run(cfg: DistillConfig, runtime: Runtime, run_dir: Path) -> DistillRu
     attach_teacher_cache(cfg, needs, teacher, data, runtime, run_dir, ref.config)
     total, _ = total_steps_for(cfg, len(data.train.features), runtime.world, draw_size_for(cfg))
     techniques = build_techniques(TechniqueContext(cfg, trainees, ref.tokenizer, data.train, runtime, total,
-                                                   draw_size_for(cfg), teacher, data.label_names))
+                                                   draw_size_for(cfg), teacher, data.label_names, data.max_length))
     collator = mlm_collator_for(cfg, ref.tokenizer)
     evaluate = _evaluation(cfg, trainees, teacher, ref.tokenizer, data, runtime, collator)
     _prepare_trainees(cfg, trainees, needs, ref.config, runtime)

@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
-from kdship.config import EvalConfig
+from kdship.config import EvalConfig, SamplingConfig
 from kdship.data import IGNORED, Encoded, LmTable, iterate_batches, lm_prompts, load_lm_table, model_inputs, tokenize_lm
 from kdship.errors import ConfigError, ModelError
+from kdship.generation import continuations, prompt_ids
 from kdship.models import build_model, is_causal_lm, lm_max_length, load_tokenizer, max_tokens, model_kind
 
 
@@ -44,27 +45,15 @@ def lm_eval_metrics(total: float, count: int, top: torch.Tensor, target: torch.T
             "next_token_accuracy": top.eq(target).float().mean().item(), "tokens": count}
 
 
-@torch.no_grad()
-def greedy_generations(model: Any, tokenizer: Any, prompts: list[Any], max_new_tokens: int,
-                       device: torch.device) -> list[str]:
-    """Each prompt's greedy continuation (the prompt itself not repeated); a chat prompt goes through the
-    tokenizer's chat template with the generation prompt."""
-    model.eval()
+def greedy_generations(model: Any, tokenizer: Any, prompts: list[Any], max_new_tokens: int, device: torch.device,
+                       as_chat: bool) -> list[str]:
+    """Each prompt's greedy continuation (the prompt itself not repeated), its tokens as training reads a prompt
+    (kdship.generation.prompt_ids: `as_chat`, through the chat template where the tokenizer has one)."""
+    greedy = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    texts = []
-    for prompt in prompts:
-        ids = (tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False)
-               if isinstance(prompt, list) else tokenizer(prompt)["input_ids"])
-        room = (getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-                or len(ids) + max_new_tokens) - len(ids)
-        if room < 1:
-            texts.append("")  # the prompt alone fills the model's positions
-            continue
-        inputs = torch.tensor([list(ids)], device=device)
-        out = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=min(max_new_tokens, room),
-                             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        texts.append(tokenizer.decode(out[0, inputs.shape[1]:], skip_special_tokens=True))
-    return texts
+    return [tokenizer.decode(continuations(model, [prompt_ids(tokenizer, p, as_chat)], greedy, pad,
+                                           tokenizer.eos_token_id, device, seed=0)[0], skip_special_tokens=True)
+            for p in prompts]
 
 
 def evaluate_lm(cfg: EvalConfig, models: dict[str, str], configs: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -87,7 +76,8 @@ def evaluate_lm(cfg: EvalConfig, models: dict[str, str], configs: dict[str, Any]
         model = build_model("clm", source).to(device)
         total, count, tops[role], target = next_token_predictions(model, tokenizer, encoded, cfg.batch_size, device)
         result[role] = {"source": source, **lm_eval_metrics(total, count, tops[role], target)}
-        outputs[role] = greedy_generations(model, tokenizer, prompts, cfg.max_new_tokens, device)
+        outputs[role] = greedy_generations(model, tokenizer, prompts, cfg.max_new_tokens, device,
+                                           as_chat=cfg.prompts is not None or table.kind != "text")
         del model
     if cfg.teacher:
         result["comparison"] = {

@@ -38,6 +38,8 @@ from kdship.runtime import Runtime, start_runtime
 
 CACHE_FORMAT = "kdship-topk-cache-1"
 MANIFEST = "cache.json"
+REQUIRED = {"k", "vocab_size", "tokens", "bytes", "bytes_per_token", "shard_rows", "mean_tail_mass", "build_seconds",
+            "data", "teacher"}
 SHARD_ROWS = 1 << 20  # target tokens per shard file: K=64 makes 128 MiB of log-probs and 256 MiB of token ids
 
 
@@ -52,12 +54,18 @@ def data_fingerprint(encoded: Encoded) -> str:
 
 
 def teacher_fingerprint(sources: list[str], combine: dict[str, Any] | None) -> dict[str, Any]:
-    """Who made the cache: each teacher's weights hash (its source where the weights are not a local file), and
-    how several were combined."""
+    """Who made the cache: each teacher by a hash of all its weight files (a sharded checkpoint too) and its
+    absolute path (its source as given where it is a hub id), and how several were combined."""
     keys = []
     for source in sources:
-        weights = Path(source) / "model.safetensors"
-        keys.append({"source": source, "weights_sha256": sha256_file(weights) if weights.is_file() else None})
+        folder = Path(source)
+        files = (sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))) \
+            if folder.is_dir() else []
+        h = hashlib.sha256()
+        for file in files:
+            h.update(file.name.encode() + bytes.fromhex(sha256_file(file)))
+        keys.append({"source": str(folder.resolve()) if folder.exists() else source,
+                     "weights_sha256": h.hexdigest() if files else None})
     return {"teachers": keys, **({"combine": combine} if combine else {})}
 
 
@@ -108,6 +116,9 @@ class TopKCache:
             manifest = read_json(folder / MANIFEST)
             if manifest.get("format") != CACHE_FORMAT:
                 raise ValueError(f"format {manifest.get('format')!r}")
+            missing = REQUIRED - manifest.keys()
+            if missing:
+                raise ValueError(f"cache.json lacks {', '.join(sorted(missing))}")
             index = np.load(folder / "index.npy")
             shards = [[np.load(folder / name, mmap_mode="r") for name in _shard_names(s)]
                       for s in range(len(manifest["shard_rows"]))]
@@ -209,6 +220,30 @@ def _new_staging(folder: Path, overwrite: bool) -> str:
     return staging
 
 
+def _write_rows(shards: dict[int, list[np.ndarray]], index: np.ndarray, indices: list[int], values: np.ndarray,
+                ids: np.ndarray) -> None:
+    """The batch's rows (its examples' target tokens, in order) into each example's place in its shard."""
+    row = 0
+    for i in indices:
+        shard, first, count = (int(x) for x in index[i])
+        shards[shard][0][first:first + count] = values[row:row + count]
+        shards[shard][1][first:first + count] = ids[row:row + count]
+        row += count
+
+
+def _top_k(scores: torch.Tensor, k: int, rows_at_once: int = 4096) -> tuple[np.ndarray, np.ndarray, float]:
+    """The top-k log-probabilities (float16) and token ids (int32) of each row of [rows, vocab] scores, and the
+    summed tail mass beyond them; computed in float32 a slice of rows at a time (a large vocabulary's float32
+    copy of every row at once would not fit beside the models)."""
+    values, ids, tail = [], [], 0.0
+    for chunk in scores.split(rows_at_once):
+        top = F.log_softmax(chunk.float(), -1).topk(k, -1)
+        tail += float((1 - top.values.exp().sum(-1)).clamp_min(0).sum())
+        values.append(top.values.half().cpu().numpy())
+        ids.append(top.indices.int().cpu().numpy())
+    return np.concatenate(values), np.concatenate(ids), tail
+
+
 def _fill_share(staging: Path, teacher_logits: Callable[[dict[str, Any]], torch.Tensor], tokenizer: Any,
                 encoded: Encoded, index: np.ndarray, k: int, batch_size: int, runtime: Runtime) -> float:
     """Write this process's share of the rows; returns the tail mass (1 - the top K's probability) it summed."""
@@ -227,16 +262,9 @@ def _fill_share(staging: Path, teacher_logits: Callable[[dict[str, Any]], torch.
             indices, targets = indices[:real], batch["labels"][:real].ne(IGNORED)
             if not real:
                 continue
-            logits = logits[:real]
-            top = F.log_softmax(logits[targets].float(), -1).topk(k, -1)
-            tail += float((1 - top.values.exp().sum(-1)).clamp_min(0).sum())
-            values, ids = top.values.half().cpu().numpy(), top.indices.int().cpu().numpy()
-            row = 0
-            for i in indices:
-                shard, first, count = (int(x) for x in index[i])
-                shards[shard][0][first:first + count] = values[row:row + count]
-                shards[shard][1][first:first + count] = ids[row:row + count]
-                row += count
+            values, ids, batch_tail = _top_k(logits[:real][targets], k)
+            tail += batch_tail
+            _write_rows(shards, index, indices, values, ids)
     for log_probs, token_ids in shards.values():
         log_probs.flush()
         token_ids.flush()

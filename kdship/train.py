@@ -41,7 +41,8 @@ def _train(cfg: TrainConfig, runtime: Runtime, run_dir: Path) -> dict[str, Any]:
     trainee = Trainee("model", model, metric=evaluation.metric, higher_is_better=evaluation.higher_is_better)
     total, _ = total_steps_for(cfg, len(data.train.features), runtime.world, draw_size_for(cfg))
     techniques = build_techniques(TechniqueContext(cfg, [trainee], tokenizer, data.train, runtime, total,
-                                                   draw_size_for(cfg), label_names=data.label_names))
+                                                   draw_size_for(cfg), label_names=data.label_names,
+                                                   max_length=data.max_length))
     # a bi-encoder's pooler gets no gradient, nor does a technique's head once its phase is over
     trainee.distribute(runtime, cfg.sharding, all_used=cfg.objective != "match" and not trainee.heads)
 

@@ -365,7 +365,7 @@ def test_distill_from_a_full_top_k_cache_starts_at_the_live_teachers_loss(lm_tea
     assert topk["tokens"] == _record(tmp_path / "cached")["data"]["train"]["target_tokens"]
 
 
-def test_cache_teacher_then_distill_without_loading_the_teacher(lm_teacher, lm_data, tmp_path):
+def test_cache_teacher_then_distill_without_loading_the_teacher(lm_teacher, lm_data, tmp_path, monkeypatch):
     import numpy as np
 
     cache = tmp_path / "cache"
@@ -378,7 +378,10 @@ def test_cache_teacher_then_distill_without_loading_the_teacher(lm_teacher, lm_d
     assert (np.diff(log_probs.astype(np.float32), axis=1) <= 0).all() and ids.max() < 300  # most likely first
     assert 0 < manifest["mean_tail_mass"] < 1 and manifest["teacher"]["teachers"][0]["weights_sha256"]
 
-    out = tmp_path / "student"
+    out = tmp_path / "student"  # the teacher named by a relative path when cached, an absolute one now: the same
+    monkeypatch.chdir(lm_teacher.parent)
+    kdship_ok("cache-teacher", "--teacher", lm_teacher.name, "--data", lm_data / "train.txt", "--top-k", 8,
+              "--max-length", 32, "-o", cache, "--overwrite")
     kdship_ok(*_cache_args(lm_teacher, lm_data, out, "--max-steps", 30, "--teacher-cache", cache, "--loss", "ce:0.5"))
     training = _record(out)["training"]
     assert training["teacher_read"] is False and training["teacher_forward_calls"] == 0
@@ -404,6 +407,10 @@ def test_a_cache_of_other_data_or_another_teacher_and_a_k_beyond_the_vocabulary_
                                  "hidden_mse")), "read the teacher's layers", tmp_path / "e")
     _refused(kdship(*_cache_args(lm_teacher, lm_data, tmp_path / "f", "--teacher-cache", "topk:x")),
              "topk:K", tmp_path / "f")
+    (tmp_path / "a-file").write_text("")
+    refused = kdship("cache-teacher", "--teacher", lm_teacher, "--data", lm_data / "train.txt", "--top-k", 4, "-o",
+                     tmp_path / "a-file")
+    assert refused.exit_code == 2 and "is a file" in refused.stderr and "Traceback" not in refused.output
     _refused(kdship("distill", "--teacher", lm_teacher, "--student", "llama:layers=1", "--objective", "clm", "--data",
                     lm_data / "train.txt", "--loss", "ce", "--teacher-cache", "topk:8", "-o", tmp_path / "g"),
              "no loss reads the teacher", tmp_path / "g")
@@ -425,7 +432,7 @@ def test_generate_writes_a_transfer_set_that_distill_reads_and_records_its_sampl
     assert {r["prompt"] for r in rows} <= set(prompts) and facts["generated_tokens"] > 0
     assert facts["config"]["sampling"] == {"max_new_tokens": 10, "do_sample": True, "temperature": 0.7, "top_p": 1.0,
                                            "top_k": 20}
-    assert facts["model"]["weights_sha256"] and facts["prompts"]["kind"] == "prompt_response"
+    assert facts["model"]["weights_sha256"] and facts["prompts"]["kind"] == "prompts"  # (responses ignored)
     again = tmp_path / "again.jsonl"  # the same seed draws the same samples
     kdship_ok("generate", "--model", lm_teacher, "--prompts", lm_data / "train.jsonl", "--max-prompts", 20,
               "--max-new-tokens", 10, "--temperature", "0.7", "--top-k", 20, "--samples-per-prompt", 2,
@@ -444,6 +451,19 @@ def test_generate_writes_a_transfer_set_that_distill_reads_and_records_its_sampl
              "already exists", tmp_path / "never")
     _refused(kdship("generate", "--model", lm_teacher, "--prompts", tmp_path / "missing.txt", "-o",
                     tmp_path / "x.jsonl"), "missing.txt", tmp_path / "x.jsonl")
+
+
+def test_generate_reads_a_prompt_column_skips_prompts_too_long_and_refuses_chat_without_a_template(lm_teacher,
+                                                                                                  tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "the cat"}) + "\n" + json.dumps({"prompt": "dog " * 80}) + "\n")
+    kdship_ok("generate", "--model", lm_teacher, "--prompts", prompts, "--max-new-tokens", 4, "-o", tmp_path / "g.jsonl")
+    facts = json.loads((tmp_path / "g.jsonl.kdship.json").read_text())
+    assert facts["prompts"]["kind"] == "prompts" and facts["prompts"]["skipped_too_long_or_empty"] == 1  # 64 positions
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    _refused(kdship("generate", "--model", lm_teacher, "--prompts", chat, "-o", tmp_path / "c.jsonl"),
+             "no chat template", tmp_path / "c.jsonl")
 
 
 def test_on_policy_batches_are_the_students_samples_of_the_prompts(lm_teacher, lm_data):
@@ -491,14 +511,18 @@ def _lm_tokenizer(folder: Path):
 def test_distill_with_on_policy_batches_records_them_and_refuses_plain_text(lm_teacher, lm_data, tmp_path):
     out = tmp_path / "student"
     kdship_ok("distill", "--teacher", lm_teacher, "--student", "llama:layers=1", "--objective", "clm", "--data",
-              lm_data / "train.jsonl", "--loss", "jsd", "--max-steps", 8, "--batch-size", 4, "--max-length", 32,
+              lm_data / "train.jsonl", "--max-steps", 8, "--batch-size", 4, "--max-length", 32,
               "--on-policy-ratio", "0.5", "--on-policy-max-new-tokens", 6, "-o", out)
+    assert [loss["name"] for loss in _record(out)["config"]["losses"]] == ["jsd"]  # GKD's default: the divergence
     on_policy = _record(out)["on_policy"]
     assert on_policy["ratio"] == 0.5 and on_policy["micro_batches"] == 8
     assert 0 < on_policy["on_policy_batches"] < 8 and on_policy["sampled_tokens"] > 0
     _refused(kdship("distill", "--teacher", lm_teacher, "--student", "llama:layers=1", "--objective", "clm", "--data",
                     lm_data / "train.txt", "--on-policy-ratio", "0.5", "-o", tmp_path / "text"), "plain text",
              tmp_path / "text")
+    _refused(kdship("distill", "--teacher", lm_teacher, "--student", "llama:layers=1", "--objective", "clm", "--data",
+                    lm_data / "train.jsonl", "--on-policy-ratio", "0.5", "--loss", "jsd", "--loss", "ce", "-o",
+                    tmp_path / "ce"), "would train the student on its own samples", tmp_path / "ce")
     _refused(kdship("distill", "--teacher", lm_teacher, "--student", "llama:layers=1", "--objective", "clm", "--data",
                     lm_data / "train.jsonl", "--on-policy-ratio", "0.5", "--teacher-cache", "topk:8", "-o",
                     tmp_path / "cached"), "without a top-K teacher cache", tmp_path / "cached")

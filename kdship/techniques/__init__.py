@@ -48,6 +48,7 @@ class TechniqueContext:
     draw_size: int = 0  # examples each process draws per micro-batch
     teacher: Any = None  # kdship.distill.Teacher, in a distillation
     label_names: list[str] | None = None
+    max_length: int = 0  # the run's sequence length (capped by every model's positions)
 
     @property
     def target(self) -> Trainee:

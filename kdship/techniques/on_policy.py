@@ -82,7 +82,7 @@ def build_on_policy(settings: OnPolicyConfig, context: TechniqueContext) -> OnPo
     if all(f["labels"][0] != IGNORED for f in context.train.features):
         raise ConfigError("on_policy samples the student's continuations of prompts, and this data is plain text "
                           "(every token a target); give prompt/response or chat data")
-    return OnPolicy(settings, context.target.model, context.tokenizer, context.cfg.data.max_length, context.cfg.seed)
+    return OnPolicy(settings, context.target.model, context.tokenizer, context.max_length, context.cfg.seed)
 
 
 ON_POLICY = TechniqueDef("on_policy", "causal LMs: a share of the batches is the student's own sampled "
