@@ -24,13 +24,14 @@ larger teacher and budget for one NVIDIA GPU."""
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from common import SHARED, device_name, git_commit, write_result
+from common import RESULTS, SHARED, device_name, git_commit, write_result
 
 from kdship.artifacts import read_record
 from kdship.config import CacheTeacherConfig, DistillConfig, EvalConfig, TrainConfig
@@ -149,6 +150,18 @@ def topk_cache_effect(s: dict[str, Any], teacher: Path, work: Path, live: dict[s
     return out
 
 
+def rerun_cache_part(s: dict[str, Any], teacher: Path, work: Path, commit: str) -> None:
+    """The top-K cache part again, at this commit, into the earlier JSON; the earlier cache result is kept
+    beside it under `topk_cache_earlier`."""
+    earlier = json.loads((RESULTS / "clm_distill.json").read_text())
+    cache = topk_cache_effect(s, teacher, work, earlier["results"]["quarter_size"]["forward_kl"])
+    kept = {k: v for k, v in earlier.items() if k not in ("benchmark", "device", "commit", "date", "versions")}
+    path = write_result("clm_distill", {**kept, "commit": earlier["commit"],
+                                        "topk_cache_earlier": {**earlier["topk_cache"], "commit": earlier["commit"]},
+                                        "topk_cache": {**cache, "commit": commit, "device": device_name()}})
+    print(f"wrote {path} ({device_name()})")
+
+
 def verdicts(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per student: each loss's perplexity against hard labels alone (ratio below 1: the teacher helped)."""
     out = {}
@@ -167,6 +180,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/clm_distill"))
     parser.add_argument("--reuse-teacher", action="store_true", help="use the teacher an earlier invocation trained "
                         "in --work (the work folder is kept then)")
+    parser.add_argument("--cache-only", action="store_true", help="with --reuse-teacher: only the top-K cache part "
+                        "again, merged into the earlier JSON (its live forward-KL run is the comparison)")
     args = parser.parse_args()
     s = QUICK if args.quick else GPU if args.gpu else CPU
     args.work.mkdir(parents=True, exist_ok=True)
@@ -175,6 +190,8 @@ def main() -> None:
     teacher_record = read_record(teacher)
     print(f"teacher: {teacher_record['model']['parameters']:,} parameters, wikitext-2 perplexity "
           f"{teacher_record['metrics']['perplexity']:.2f} after {teacher_record['training']['steps']} steps", flush=True)
+    if args.cache_only:
+        return rerun_cache_part(s, teacher, args.work, commit)
     results = {name: {loss: run_student(s, teacher, name, spec, loss, args.work) for loss in LOSSES}
                for name, spec in s["students"].items()}
     cache = topk_cache_effect(s, teacher, args.work, results["quarter_size"]["forward_kl"])

@@ -203,12 +203,34 @@ def kd(x: LossInputs) -> Tensor:
 
 
 def _on_teacher_support(x: LossInputs) -> tuple[Tensor, Tensor]:
-    """(student, teacher) logits over the same tokens: the whole vocabulary, or with a top-K teacher cache the
-    teacher's K tokens at each position, where both distributions are renormalised (the softmax over the K
-    gathered scores); the teacher's tail mass beyond them is dropped (kdship.logit_cache records its mean)."""
+    """(student, teacher) logits over the same outcomes: the whole vocabulary; or, from a top-K teacher cache,
+    top_k_buckets, scaled by the temperature so that every loss's own softmax at it gives them back unchanged."""
     if x.teacher_token_ids is None:
         return x.student_logits, x.teacher_logits
-    return x.student_logits.gather(-1, x.teacher_token_ids), x.teacher_logits
+    student, teacher = top_k_buckets(x.student_logits, x.teacher_logits, x.teacher_token_ids, x.temperature)
+    return student * x.temperature, teacher * x.temperature
+
+
+def top_k_buckets(student_logits: Tensor, teacher_log_probs: Tensor, token_ids: Tensor,
+                  temperature: float) -> tuple[Tensor, Tensor]:
+    """Both distributions at `temperature` over K + 1 outcomes: the teacher's K cached tokens, and all other
+    tokens as one (the tail), as log-probabilities. The student's are its full-vocabulary probabilities, so the
+    mass it puts outside the teacher's top K is its tail, which the teacher's tail mass bounds (renormalising
+    the student over the K tokens alone would leave that mass unconstrained). The teacher's tail is exact at
+    temperature 1 (1 - the cached probabilities); at another temperature it is taken as spread evenly over the
+    other V - K tokens. With K = V there is no tail and this is the full distribution."""
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    vocab, k = student.shape[-1], token_ids.shape[-1]
+    on_support = student.gather(-1, token_ids)
+    teacher = teacher_log_probs.float() / temperature
+    if k == vocab:
+        return on_support, F.log_softmax(teacher, dim=-1)
+    student_tail = torch.logsumexp(student.scatter(-1, token_ids, float("-inf")), dim=-1, keepdim=True)
+    tail_mass = (1 - teacher_log_probs.float().exp().sum(-1, keepdim=True)).clamp_min(1e-30)
+    others = vocab - k  # each holding tail_mass / others at temperature 1
+    teacher_tail = math.log(others) + (tail_mass / others).log() / temperature
+    return (torch.cat([on_support, student_tail], -1),
+            F.log_softmax(torch.cat([teacher, teacher_tail], -1), dim=-1))
 
 
 def _token_mask(x: LossInputs) -> Tensor | None:
