@@ -8,10 +8,11 @@ On disk, a folder: `cache.json` (the settings, the data's fingerprint, the teach
 `token_ids-NNNNN.npy` (int32, [rows, K]), one row per target token in the order the examples hold them. It is
 written into a staging folder and renamed into place, so a cache folder is complete or absent.
 
-The loss on the cache compares the student with the teacher on the teacher's K tokens only, both distributions
-renormalised over them (kdship.losses, `teacher_token_ids`); the teacher's tail mass beyond its top K is dropped,
-and its mean is recorded (`mean_tail_mass`) so that a K too small for the teacher shows. With K the vocabulary
-size the loss is exactly the full one."""
+The loss on the cache compares student and teacher over K + 1 outcomes, the teacher's K tokens and all other
+tokens as one (kdship.losses.top_k_buckets): the student's mass outside the teacher's top K meets the teacher's
+tail mass (exact at temperature 1, taken as spread evenly over the other tokens at another). The mean tail mass
+is recorded (`mean_tail_mass`), so a K too small for the teacher shows. With K the vocabulary size the loss is
+exactly the full one."""
 
 from __future__ import annotations
 
