@@ -150,13 +150,13 @@ class TopKCache:
         rows = [self.index[i] for i in indices]
         log_probs = np.concatenate([self.log_probs[s][first:first + n] for s, first, n in rows])
         token_ids = np.concatenate([self.token_ids[s][first:first + n] for s, first, n in rows])
-        targets = labels.ne(IGNORED)
+        targets = labels.ne(IGNORED).cpu()  # (one device sync per step, not one per use)
         if log_probs.shape[0] != int(targets.sum()):
             raise DataError(f"teacher cache {self.folder} does not hold this batch's target tokens; make it again")
         full_log_probs = torch.zeros(*labels.shape, self.k)
         full_ids = torch.zeros(*labels.shape, self.k, dtype=torch.long)
-        full_log_probs[targets.cpu()] = torch.from_numpy(log_probs.astype(np.float32))
-        full_ids[targets.cpu()] = torch.from_numpy(token_ids.astype(np.int64))
+        full_log_probs[targets] = torch.from_numpy(log_probs.astype(np.float32))
+        full_ids[targets] = torch.from_numpy(token_ids.astype(np.int64))
         return full_log_probs.to(labels.device), full_ids.to(labels.device)
 
     def record(self) -> dict[str, Any]:
