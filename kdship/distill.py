@@ -443,7 +443,8 @@ def _write_outputs(run: DistillRun, state: LoopState, run_dir: Path) -> dict[str
     def record_for(t: Trainee) -> dict[str, Any]:
         params = sum(p.numel() for p in t.module.parameters())  # the model and its heads
         training = {**training_summary(state, t, runtime, cfg.batch_size, cfg.grad_accum), **teacher_training,
-                    "student_forward_seconds": round(t.timer.total(), 3), "students_in_pass": len(run.trainees),
+                    "student_forward_seconds": round(t.timer.total(), 3), "student_forward_calls": t.timer.regions,
+                    "students_in_pass": len(run.trainees),
                     "training_state_mb": round(params * 4 * 4 / 2**20, 2)}  # weights, grads, AdamW's moments, fp32
         return {"command": "distill", "config": to_record(cfg), "data": run.data.record(),
                 "device": str(runtime.device), "teacher": teacher,

@@ -139,6 +139,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     exits = isinstance(model, EarlyExitModel)  # a model with early exits: their logits are checked too
     reference_exits = {name: torch_exit_logits(model, feeds) for name, feeds in cases.items()} if exits else {}
     reference_eval = np.concatenate([torch_logits(model, feeds) for feeds in eval_batches])
+    reference_eval_exits = np.concatenate([torch_exit_logits(model, f) for f in eval_batches]) if exits else None
     parity: dict[str, Any] = {}
     with staged_dir(Path(cfg.output), cfg.overwrite) as out:
         ctx = ExportContext(model, tokenizer, out, cfg)
@@ -153,7 +154,8 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
             ctx.files[exporter.name] = _build(exporter, ctx)
             parity[exporter.name] = check_variant(exporter, ctx.files[exporter.name], cases, reference,
                                                   eval_batches, reference_eval, labels, cfg.max_accuracy_drop)
-            exit_check = check_exits(exporter, ctx.files[exporter.name], cases, reference_exits) if exits else None
+            exit_check = (check_exits(exporter, ctx.files[exporter.name], cases, reference_exits, eval_batches,
+                                      reference_eval_exits) if exits else None)
             if exit_check is not None:
                 parity[exporter.name] |= {"exits": exit_check, "passed": parity[exporter.name]["passed"]
                                           and exit_check["passed"]}

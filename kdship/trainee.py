@@ -70,10 +70,12 @@ class RegionTimer:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.seconds = 0.0
+        self.regions = 0  # how many regions the seconds cover: what a resumed run's record is checked by
         self.pending: list[tuple[Any, Any]] = []
 
     @contextlib.contextmanager
     def region(self):
+        self.regions += 1
         if not self.cuda:
             started = time.perf_counter()
             yield
@@ -155,11 +157,13 @@ class Trainee:
     def progress_state(self) -> dict[str, Any]:
         """What a resumed run needs to report on the whole run, not its resumed part: the first losses and the
         forward time so far."""
-        return {"first_losses": [float(x) for x in self.trace.first], "forward_seconds": self.timer.total()}
+        return {"first_losses": [float(x) for x in self.trace.first], "forward_seconds": self.timer.total(),
+                "forward_calls": self.timer.regions}
 
     def load_progress_state(self, state: dict[str, Any]) -> None:
         self.trace.first = [torch.tensor(x) for x in state["first_losses"]]
         self.timer.seconds = state["forward_seconds"]
+        self.timer.regions = state.get("forward_calls", 0)  # absent from checkpoints written before it was kept
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

@@ -78,6 +78,23 @@ def test_exit_at_threshold_zero_stops_at_the_first_exit_and_above_one_never():
     assert [p["mean_exit_layer"] for p in curve["curve"]] == [1.0, 3.0]  # the curve agrees with the runner
 
 
+def _exit_parity_fails_on_exits_that_disagree(artifact, onnx_file):
+    import onnxruntime as ort
+    from transformers import AutoConfig, AutoTokenizer
+    from kdship.exporters import build_order
+    from kdship.exporters.onnx_export import input_names_for
+    from kdship.exporters.parity import batched, check_exits
+
+    tokenizer = AutoTokenizer.from_pretrained(artifact)
+    names = input_names_for(tokenizer, AutoConfig.from_pretrained(artifact))
+    batches = batched(tokenizer, [("a fine film",), ("a dull film",), ("it was long",)], names, 16)
+    got = ort.InferenceSession(str(artifact / onnx_file)).run(["exit_logits"], batches[0])[0]
+    onnx = build_order(["onnx"])[0]
+    assert check_exits(onnx, artifact / onnx_file, {"case": batches[0]}, {"case": got}, batches, got)["passed"]
+    flipped = -got  # two labels: every exit's pick flips
+    assert not check_exits(onnx, artifact / onnx_file, {"case": batches[0]}, {"case": flipped}, batches, flipped)["passed"]
+
+
 def test_early_exit_distillation_export_bench_serve_and_gate(teacher_dir, data_dir, tmp_path):
     out = tmp_path / "student"
     kdship_ok(*_distill(teacher_dir, data_dir, out, "--exits", "1"))
@@ -92,6 +109,9 @@ def test_early_exit_distillation_export_bench_serve_and_gate(teacher_dir, data_d
     manifest = json.loads((tmp_path / "artifact" / "manifest.json").read_text())
     assert set(manifest["variants"]["onnx"]["outputs"]) == {"logits", "exit_logits"}
     assert manifest["variants"]["onnx"]["parity"]["exits"]["passed"]
+    int8 = manifest["variants"]["int8"]["parity"]
+    assert int8["exits"]["eval_n"] == int8["eval_n"] > 100  # pooled over the eval rows, as the final logits are
+    _exit_parity_fails_on_exits_that_disagree(tmp_path / "artifact", manifest["variants"]["onnx"]["file"])
     kdship_ok("deploy", "triton", tmp_path / "artifact", "--variant", "onnx", "-o", tmp_path / "triton")
     assert 'name: "exit_logits"' in (tmp_path / "triton" / "artifact_model" / "config.pbtxt").read_text()
     # bench: rows at each threshold on the torch backend, and the accuracy there

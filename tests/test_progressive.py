@@ -168,7 +168,7 @@ def test_a_resumed_run_records_the_whole_runs_teacher_calls_and_first_losses(tea
     assert resumed["teacher_forward_calls"] == straight["teacher_forward_calls"] == 8
     assert resumed["loss_first"] == pytest.approx(straight["loss_first"], rel=1e-6)
     # the whole run's forward time, not the resumed half's (the run stopped after 4 of its 8 steps)
-    assert resumed["student_forward_seconds"] > 0.6 * straight["student_forward_seconds"]
+    assert resumed["student_forward_calls"] == straight["student_forward_calls"] == 8
 
 
 def test_features_objective_refuses_logit_losses(teacher_dir, data_dir, tmp_path):
