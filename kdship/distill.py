@@ -33,14 +33,13 @@ from kdship.sanity import findings, warn
 from kdship.teacher import Teacher, TeacherOutputs
 from kdship.techniques import (Technique, TechniqueContext, build_techniques, draw_size_for, technique_batches,
                                technique_memory, technique_records, wrap_step)
-from kdship.trainee import ATTENTIONS, HIDDEN, QKV, Forward, HiddenProjection, Trainee
+from kdship.trainee import ATTENTIONS, HIDDEN, PROJECTIONS, QKV, Forward, HiddenProjection, Trainee
 
 # default peak learning rates by how a student starts. Measured on SST-2 (random 4L-312, MiniLM-L6 teacher, 250
 # steps of 32): task KD 76.0% at 5e-4 vs 70.1% at 1e-4, which leaves the majority-class plateau only after ~130
 # steps; weights that already encode language are fine-tuned at the usual 1e-4
 PRETRAINED_LR, RANDOM_INIT_LR = 1e-4, 5e-4
 EMBEDDINGS = re.compile(r"\.(embeddings|embed_tokens|wte|wpe)\.")  # token/position tables (BERT, Llama, GPT-2)
-PROJECTIONS = "projections"  # a student's head mapping its hidden states to the teacher's width
 
 
 def _teacher_config(cfg: DistillConfig, source: str | None = None) -> Any:
@@ -328,7 +327,9 @@ def _prepare_trainees(cfg: DistillConfig, trainees: list[Trainee], needs: set[st
         if cfg.train_layers:
             t.details["frozen_parameters"] = freeze_other_layers(t.model, layers)
         if "hidden" in needs:
-            t.heads[PROJECTIONS] = HiddenProjection(layers, t.model.config.hidden_size, tcfg.hidden_size)
+            projection = HiddenProjection(layers, t.model.config.hidden_size, tcfg.hidden_size)
+            t.details["projections_from"] = projection.load_carried(t.details["source"])
+            t.heads[PROJECTIONS] = projection
         if "qkv" in needs:
             t.details["relation_heads"] = relation_heads(t.model.config, tcfg)
     # every parameter gets a gradient when a loss reads the student's own head (a bi-encoder's pooler does not)

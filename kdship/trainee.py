@@ -1,10 +1,12 @@
 """One model in training, whichever command trains it: a student of `kdship distill` (one of several, in a
 multi-student run) or the model of `kdship train`. It holds the transformers model that ships, the heads trained
-beside it that do not ship (projections of its hidden states), and its bookkeeping."""
+beside it that do not ship (projections of its hidden states: saved beside the weights for the next stage of a
+pipeline, never loaded by export or serve), and its bookkeeping."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -20,6 +22,8 @@ from kdship.runtime import Runtime, full_state_dict, is_sharded
 HIDDEN = "hidden_states"
 ATTENTIONS = "attentions"
 QKV = "qkv"  # the last layer's query, key and value projections (relation distillation)
+PROJECTIONS = "projections"  # a student's head mapping its hidden states to the teacher's width
+PROJECTIONS_FILE = "feature_projections.safetensors"
 LOSS_WINDOW = 5  # steps averaged for the first and the last loss in kdship.json
 
 
@@ -38,6 +42,31 @@ class HiddenProjection(nn.Module):
 
     def forward(self, out: Any) -> list[Tensor]:
         return [m(out.hidden_states[i].float()) for m, i in zip(self.maps, self.layers)]
+
+    def load_carried(self, source: str) -> str | None:
+        """Start from the projections a previous stage trained for this student (TinyBERT keeps its W from general
+        to task distillation: a fresh one makes the next stage's feature loss start worse than predicting the
+        teacher's mean state). Returns the file used, or None when `source` has none for these layers and widths."""
+        from safetensors import safe_open
+
+        path = Path(source) / PROJECTIONS_FILE
+        if not path.is_file():
+            return None
+        with safe_open(str(path), "pt") as f:
+            layers = json.loads((f.metadata() or {}).get("layers", "null"))
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        expected = {k: v.shape for k, v in self.state_dict().items()}
+        if layers != self.layers or {k: v.shape for k, v in state.items()} != expected:
+            return None
+        self.load_state_dict(state)
+        return str(path)
+
+    @staticmethod
+    def save(state: dict[str, Tensor], layers: list[int], folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(Path(folder) / PROJECTIONS_FILE),
+                  metadata={"layers": json.dumps(layers)})
 
 
 class TrainedModule(nn.Module):
@@ -171,10 +200,19 @@ class Trainee:
     def save(self, folder: Path, runtime: Runtime) -> None:
         """The shipped model, save_pretrained-style, written by rank 0 (a sharded one is gathered first: every
         process must call this)."""
-        if is_sharded(self.module):
-            state = {k.removeprefix("model."): v for k, v in full_state_dict(self.module).items()
-                     if k.startswith("model.")}
-            if runtime.is_main:
-                self.model.save_pretrained(folder, state_dict=state)
-        elif runtime.is_main:
+        full = full_state_dict(self.module) if is_sharded(self.module) else None
+        if not runtime.is_main:
+            return
+        if full is None:
             self.model.save_pretrained(folder)
+        else:
+            self.model.save_pretrained(folder, state_dict=_under(full, "model."))
+        projection = self.heads.get(PROJECTIONS)
+        if projection is not None:
+            state = projection.state_dict() if full is None else _under(full, f"heads.{PROJECTIONS}.")
+            HiddenProjection.save(state, projection.layers, folder)
+
+
+def _under(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries of a whole module's state dict that belong to one of its parts, named as the part names them."""
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import kdship, kdship_ok
+from kdship.trainee import PROJECTIONS_FILE
 from test_clm import lm_data, lm_teacher  # noqa: F401 (fixtures)
 from test_progressive import teachers  # noqa: F401 (a fixture)
 
@@ -147,6 +148,10 @@ def test_fsdp_gives_the_losses_of_ddp_for_a_trained_model_and_for_the_teacher(te
     assert shard["teacher_forward_calls"] == rep["teacher_forward_calls"] == 2 * 8  # one per batch per process
     assert shard["loss_first"] == pytest.approx(rep["loss_first"], rel=1e-4)
     assert shard["loss_last"] == pytest.approx(rep["loss_last"], rel=1e-4)
+    # a sharded student's projections are gathered and saved beside its weights, as a replicated one's are
+    launch(*args(tmp_path / "sharded-student", "--sharding", "fsdp"))
+    a, b = (load_file(tmp_path / d / PROJECTIONS_FILE) for d in ("replicated", "sharded-student"))
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
 
 
 def test_selection_under_two_processes_counts_every_processs_samples(teacher_dir, still_student, data_dir, tmp_path):

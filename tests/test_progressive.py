@@ -72,6 +72,34 @@ def test_three_stage_pipeline_end_to_end_and_resume(teachers, data_dir, tmp_path
     assert again.exit_code == 2 and "--resume" in again.stderr
 
 
+def test_a_feature_stage_starts_from_the_projections_the_stage_before_trained(teachers, data_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from kdship.trainee import PROJECTIONS_FILE, HiddenProjection
+
+    stages = """
+  - {name: general, teacher: generic, data: task, objective: features, losses: [{name: hidden_mse}]}
+  - {name: teacher, teacher: finetuned, data: task, objective: features, losses: [{name: hidden_mse}]}
+"""
+    recipe = _recipe(tmp_path, teachers, data_dir, stages).read_text().replace(
+        "student: bert:layers=1", "student: bert:layers=1,hidden=16,heads=2,ffn=32")  # projections not identity
+    (tmp_path / "pipeline.yaml").write_text(recipe)
+    kdship_ok("distill", "--recipe", tmp_path / "pipeline.yaml", "-o", tmp_path / "out")
+    general = tmp_path / "out" / "stages" / "01-general"
+    second = json.loads((tmp_path / "out" / "stages" / "02-teacher" / "kdship.json").read_text())
+    assert second["student"]["projections_from"] == str(general / PROJECTIONS_FILE)
+    fresh = HiddenProjection([0, 1], 16, 32)
+    carried = HiddenProjection([0, 1], 16, 32)
+    assert carried.load_carried(str(general)) == str(general / PROJECTIONS_FILE)
+    saved = load_file(general / PROJECTIONS_FILE)
+    assert all(torch.equal(carried.state_dict()[k], saved[k]) for k in saved)
+    assert not torch.equal(carried.state_dict()["maps.0.weight"], fresh.state_dict()["maps.0.weight"])
+    # other layers or widths than were saved: a fresh projection, said in the record as None
+    assert HiddenProjection([1], 16, 32).load_carried(str(general)) is None
+    assert HiddenProjection([0, 1], 16, 64).load_carried(str(general)) is None
+
+
 @pytest.mark.parametrize("stages, extra, message", [
     ("""
   - {name: general, teacher: generic, data: task, objective: features, losses: [{name: hidden_mse}]}
