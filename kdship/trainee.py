@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdship.errors import ModelError
 from kdship.models import attention_dropout_off, captured_qkv
 from kdship.runtime import Runtime, full_state_dict, is_sharded
 
@@ -52,9 +53,13 @@ class HiddenProjection(nn.Module):
         path = Path(source) / PROJECTIONS_FILE
         if not path.is_file():
             return None
-        with safe_open(str(path), "pt") as f:
-            layers = json.loads((f.metadata() or {}).get("layers", "null"))
-            state = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), "pt") as f:
+                layers = json.loads((f.metadata() or {}).get("layers", "null"))
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors' own error type, or bad JSON in the metadata
+            raise ModelError(f"{path} could not be read ({e}); delete it and the feature projections start fresh") \
+                from None
         expected = {k: v.shape for k, v in self.state_dict().items()}
         if layers != self.layers or {k: v.shape for k, v in state.items()} != expected:
             return None

@@ -98,6 +98,11 @@ def test_a_feature_stage_starts_from_the_projections_the_stage_before_trained(te
     # other layers or widths than were saved: a fresh projection, said in the record as None
     assert HiddenProjection([1], 16, 32).load_carried(str(general)) is None
     assert HiddenProjection([0, 1], 16, 64).load_carried(str(general)) is None
+    (general / PROJECTIONS_FILE).write_bytes(b"not safetensors")
+    damaged = kdship("distill", "--teacher", teachers / "finetuned", "--student", general, "--objective", "features",
+                     "--loss", "hidden_mse", "--data", data_dir / "train.tsv", "--max-steps", 1, "-o", tmp_path / "d")
+    assert damaged.exit_code != 0 and "delete it and the feature projections start fresh" in damaged.stderr
+    assert damaged.stderr.count("\n") == 1 and not (tmp_path / "d").exists()
 
 
 @pytest.mark.parametrize("stages, extra, message", [
