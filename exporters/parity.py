@@ -64,15 +64,12 @@ def builtin_texts(tokenizer: Any, columns: int, count: int = 256, seed: int = 0)
 
 
 @torch.no_grad()
-def torch_logits(model: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    return model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.float().numpy()
-
-
-@torch.no_grad()
-def torch_exit_logits(model: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """Every exit's logits, [batch, exits, labels], of a model with early exits."""
+def torch_reference(model: Any, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    """PyTorch's logits and, for a model with early exits, every exit's logits ([batch, exits, labels]; else None),
+    from one forward call."""
     out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
-    return torch.stack(out.exit_logits, 1).float().numpy()
+    exits = getattr(out, "exit_logits", None)
+    return out.logits.float().numpy(), None if exits is None else torch.stack(exits, 1).float().numpy()
 
 
 def check_exits(exporter: Exporter, path: Path, cases: dict[str, dict[str, np.ndarray]],

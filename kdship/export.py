@@ -120,7 +120,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     from kdship.exporters.onnx_export import input_names_for
     from kdship.early_exit import EarlyExitModel
     from kdship.exporters.parity import (batched, check_exits, check_variant, parity_cases, print_parity,
-                                         torch_exit_logits, torch_logits)
+                                         torch_reference)
 
     if not cfg.output:
         raise ConfigError("no output folder; pass -o DIR")
@@ -135,11 +135,12 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     texts, labels, parity_inputs = _eval_set(cfg, record, model, tokenizer)
     cases = parity_cases(tokenizer, texts, names, max_length, model.config.vocab_size)
     eval_batches = batched(tokenizer, texts, names, max_length)
-    reference = {name: torch_logits(model, feeds) for name, feeds in cases.items()}
     exits = isinstance(model, EarlyExitModel)  # a model with early exits: their logits are checked too
-    reference_exits = {name: torch_exit_logits(model, feeds) for name, feeds in cases.items()} if exits else {}
-    reference_eval = np.concatenate([torch_logits(model, feeds) for feeds in eval_batches])
-    reference_eval_exits = np.concatenate([torch_exit_logits(model, f) for f in eval_batches]) if exits else None
+    on_cases = {name: torch_reference(model, feeds) for name, feeds in cases.items()}
+    reference, reference_exits = ({name: out[i] for name, out in on_cases.items()} for i in (0, 1))
+    on_eval = [torch_reference(model, feeds) for feeds in eval_batches]
+    reference_eval = np.concatenate([logits for logits, _ in on_eval])
+    reference_eval_exits = np.concatenate([exit_logits for _, exit_logits in on_eval]) if exits else None
     parity: dict[str, Any] = {}
     with staged_dir(Path(cfg.output), cfg.overwrite) as out:
         ctx = ExportContext(model, tokenizer, out, cfg)
