@@ -126,7 +126,9 @@ def staged_recipe(recipe: str, shares: list[float], teachers: dict[str, str], s:
     for stage, budget in zip(spec["stages"], steps, strict=True):
         stage = {k: v for k, v in stage.items() if k != "epochs"}
         stages.append({**stage, "max_steps": budget})
-    spec.update(teachers=teachers, datasets={"generic": generic_data(s), "task": task_data(s)}, stages=stages,
+    # the generic text is judged on the task's dev set too, so a stage that predicts on it has a curve
+    datasets = {"generic": {**generic_data(s), "eval": task_data(s)["eval"]}, "task": task_data(s)}
+    spec.update(teachers=teachers, datasets=datasets, stages=stages,
                 student=RANDOM_STUDENT, output=str(output), overwrite=True,
                 common={**spec.get("common", {}), "batch_size": s["batch"], "eval_every": s["a_eval_every"]})
     return PipelineConfig(**spec), steps

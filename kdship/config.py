@@ -267,6 +267,11 @@ class RunConfig(Strict):
         depend on it alone, with no random masking or batch neighbours, so they can be computed once and cached."""
         return self.objective == "classify" or (self.objective == "match" and self.match_loss == "classify")
 
+    @property
+    def train_labelled(self) -> bool:
+        """Whether the training examples' labels are read (the eval data's are, whenever `labelled`)."""
+        return self.labelled
+
     @model_validator(mode="before")
     @classmethod
     def _nest(cls, values: Any) -> Any:
@@ -325,6 +330,10 @@ TEACHER_FREE = ("ema", "virtual_teacher", "peers", "early_exit")  # techniques t
 
 def _default_losses() -> list[LossSpec]:
     return [LossSpec(name="kd", weight=0.5), LossSpec(name="ce", weight=0.5)]
+
+
+# techniques that score, order, probe or target training examples by their labels
+LABEL_READING_TECHNIQUES = ("selection", "ema", "virtual_teacher", "early_exit", "curriculum", "peers", "cross_task")
 
 
 class DistillConfig(RunConfig):
@@ -406,6 +415,19 @@ class DistillConfig(RunConfig):
                                                                     values.get("on_policy_ratio") is not None):
             return {**values, "losses": [{"name": "jsd", "weight": 1.0}]}  # GKD: the divergence alone
         return values
+
+    @property
+    def train_labelled(self) -> bool:
+        """A classifier whose losses all read the teacher, with no technique that reads labels, learns from a
+        transfer set (Hinton et al. 2015): its training text needs no labels, so unlabeled in-domain text (plain
+        .txt, a folder of them, or a table without a label column) can be distilled on; eval data keeps its labels."""
+        from kdship.losses import LOSSES
+
+        if self.objective != "classify":
+            return self.labelled
+        own = [s.name for s in self.losses if "teacher" not in LOSSES[s.name].needs]  # ce: the data's labels
+        label_reading = any(getattr(self, name) is not None for name in LABEL_READING_TECHNIQUES)
+        return bool(own) or label_reading or self.generations > 1
 
     @property
     def teacher_sources(self) -> list[str]:

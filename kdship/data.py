@@ -128,7 +128,8 @@ def load_table(source: str, text_columns: Sequence[str] | None, label_column: st
                             ".txt files for --objective mlm")
         if label_column is not None:
             raise DataError(f"{source} is plain text without labels; classification needs csv/tsv/jsonl/parquet "
-                            "with a label column (plain text is for --objective mlm)")
+                            "with a label column (plain text is for --objective mlm, or for distilling a "
+                            "classifier from the teacher alone: --loss kd:1)")
         files = _text_files(path)
         texts = [(t,) for t in _read_lines(files)]
         table = TextTable(texts, None, str(path), _file_fingerprint(files))

@@ -209,14 +209,14 @@ def _teacher(cfg: DistillConfig, head: str, ref: Reference, needs: set[str], sou
 
 
 def attach_teacher_cache(cfg: DistillConfig, needs: set[str], teacher: Teacher, data: RunData, runtime: Runtime,
-                         run_dir: Path, teacher_config: Any) -> None:
+                         run_dir: Path, teacher_config: Any, examples_drawn: int) -> None:
     """The teacher's outputs read from a cache where the run allows one: a causal LM's top-K cache (made here, or
     a folder made earlier), after which the teacher is unloaded, or a classifier's logits kept in memory."""
     if cfg.topk_cache or cfg.teacher_cache_folder:
         teacher.topk = _topk_cache(cfg, teacher, data, runtime, run_dir, teacher_config.vocab_size)
         teacher.models = []  # every teacher output now comes from the files
     else:
-        teacher.cache = cached_teacher_logits(cfg, needs, teacher, data, runtime)
+        teacher.cache = cached_teacher_logits(cfg, needs, teacher, data, runtime, examples_drawn)
 
 
 def _topk_cache(cfg: DistillConfig, teacher: Teacher, data: RunData, runtime: Runtime, run_dir: Path,
@@ -245,11 +245,14 @@ def combine_settings(cfg: DistillConfig) -> dict[str, Any] | None:
 
 
 def cached_teacher_logits(cfg: DistillConfig, needs: set[str], teacher: Teacher, data: RunData,
-                          runtime: Runtime) -> torch.Tensor | None:
+                          runtime: Runtime, examples_drawn: int) -> torch.Tensor | None:
     """The teacher's logits for every training example, once, when that is all the losses read and the inputs do
     not change between epochs (no random masking): the teacher then costs one pass instead of one per epoch,
-    split over the processes. Computed in a fixed order, so a resumed run uses exactly the same values."""
-    safe = cfg.labelled and needs <= {"logits", "teacher"} and teacher.models
+    split over the processes. Computed in a fixed order, so a resumed run uses exactly the same values. A run
+    that draws fewer examples than the data holds (a short stage on a large transfer set) runs the teacher live:
+    caching would run it on examples the run never reads."""
+    safe = cfg.labelled and needs <= {"logits", "teacher"} and teacher.models \
+        and examples_drawn >= len(data.train.features)
     if cfg.teacher_cache == "off" or not safe:
         return None
     # kept on the device: each step gathers its rows there instead of copying them from the host
@@ -303,8 +306,9 @@ def _build_run(cfg: DistillConfig, runtime: Runtime, run_dir: Path) -> DistillRu
     teacher.models = [runtime.frozen_module(m, cfg.teacher_sharding) for m in teacher.models] if "teacher" in needs \
         else []
     teacher.qkv_layers = frozenset(t.details["layer_map"][-1] - 1 for t in trainees) if "qkv" in needs else frozenset()
-    attach_teacher_cache(cfg, needs, teacher, data, runtime, run_dir, ref.config)
     total, _ = total_steps_for(cfg, len(data.train.features), runtime.world, draw_size_for(cfg))
+    examples_drawn = total * cfg.grad_accum * draw_size_for(cfg) * runtime.world
+    attach_teacher_cache(cfg, needs, teacher, data, runtime, run_dir, ref.config, examples_drawn)
     techniques = build_techniques(TechniqueContext(cfg, trainees, ref.tokenizer, data.train, runtime, total,
                                                    draw_size_for(cfg), teacher, data.label_names, data.max_length))
     collator = mlm_collator_for(cfg, ref.tokenizer)

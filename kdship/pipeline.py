@@ -133,7 +133,7 @@ def preflight(stages: list[Stage]) -> None:
             if cfg.objective == "clm":
                 load_lm_table(cfg.data.train, cfg.data.text_columns, max_samples=2)
             else:
-                label = cfg.data.label_column if cfg.labelled else None
+                label = cfg.data.label_column if cfg.train_labelled else None
                 load_table(cfg.data.train, cfg.data.text_columns, label, max_samples=2)
             if cfg.selection:
                 load_config(cfg.selection.by, "scoring model")

@@ -86,19 +86,21 @@ def load_run_data(cfg: RunConfig, tokenizer: Any, label_names: list[str] | None,
         return load_lm_data(cfg.data, tokenizer, max_length)
     labelled = cfg.labelled
     label_col = cfg.data.label_column if labelled else None
-    train_table = load_table(cfg.data.train, cfg.data.text_columns, label_col, cfg.data.max_train_samples)
+    train_table = load_table(cfg.data.train, cfg.data.text_columns, label_col if cfg.train_labelled else None,
+                             cfg.data.max_train_samples)
     eval_table = (load_table(cfg.data.eval, cfg.data.text_columns, label_col, cfg.data.max_eval_samples)
                   if cfg.data.eval else None)
     if labelled:
-        data_names = label_names_from_data(train_table.raw_labels)
+        labelled_table = train_table if cfg.train_labelled else eval_table  # a transfer set: the teacher's labels
+        data_names = label_names_from_data(labelled_table.raw_labels) if labelled_table else []
         if label_names is not None and len(data_names) > len(label_names):
-            raise ModelError(f"the model has {len(label_names)} labels but {train_table.source} has "
+            raise ModelError(f"the model has {len(label_names)} labels but {labelled_table.source} has "
                              f"{len(data_names)}; use a model trained on the same labels (to distil from a teacher of "
                              "another task: kdship distill --cross-task)")
         label_names = label_names or data_names
     encode = lambda t: tokenize(tokenizer, t, max_length,  # noqa: E731
-                                encode_labels(t.raw_labels, label_names, t.source) if labelled else None,
-                                apart=cfg.objective == "match")
+                                encode_labels(t.raw_labels, label_names, t.source) if t.raw_labels is not None
+                                else None, apart=cfg.objective == "match")
     return RunData(encode(train_table), encode(eval_table) if eval_table else None, train_table, eval_table,
                    label_names if labelled else None, max_length)
 

@@ -77,6 +77,24 @@ def test_feature_distillation_into_a_narrower_random_student(teacher_dir, data_d
     assert record["training"]["steps"] == 6
 
 
+def test_a_classifier_distils_from_unlabeled_text_when_only_the_teacher_is_read(teacher_dir, data_dir, tmp_path):
+    """A transfer set (Hinton et al. 2015): plain text, no labels; kd alone teaches a random student the task."""
+    rows = (data_dir / "train.tsv").read_text().splitlines()[1:]
+    text = tmp_path / "unlabeled.txt"
+    text.write_text("\n".join(row.rsplit("\t", 1)[0] for row in rows))
+    student = tmp_path / "from-text"
+    kdship_ok("distill", "--teacher", teacher_dir, "--student", "bert:layers=1,hidden=16,heads=1", "--data", text,
+              "--eval-data", data_dir / "dev.tsv", "--loss", "kd:1", "--max-steps", 150, "--batch-size", 16,
+              "--lr", "2e-3", "-o", student)
+    record = json.loads((student / "kdship.json").read_text())
+    assert record["student"]["tensors_copied_from_teacher"] == 0
+    assert record["metrics"]["accuracy"] > 0.7  # chance is 0.5: the teacher's predictions alone taught it
+    result = kdship("distill", "--teacher", teacher_dir, "--student", "bert:layers=1,hidden=16,heads=1", "--data",
+                    text, "--loss", "kd:1", "--loss", "ce:1", "--max-steps", 2, "-o", tmp_path / "with-ce")
+    assert result.exit_code != 0 and "plain text without labels" in result.output and "--loss kd:1" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_mlm_pretraining_and_mlm_distillation(data_dir, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(line.split("\t")[0] for line in (data_dir / "train.tsv").read_text().splitlines()[1:]))

@@ -282,7 +282,7 @@ def test_multi_teacher_distillation(teacher_dir, second_teacher, data_dir, tmp_p
     r = record(tmp_path / "live")
     assert r["training"]["teacher_forward_calls"] == 2 * 4  # one forward per teacher per batch
     assert [t["source"] for t in r["teacher"]["teachers"]] == [str(teacher_dir), str(second_teacher)]
-    kdship_ok(*args, "--teacher-weighting", "confidence", "-o", tmp_path / "cached")
+    kdship_ok(*args, "--teacher-weighting", "confidence", "--max-train-samples", 64, "-o", tmp_path / "cached")
     assert record(tmp_path / "cached")["training"]["teacher_cache"]
     refused = kdship(*args, "--loss", "hidden_mse", "-o", tmp_path / "x")
     assert refused.exit_code == 2 and "match one teacher's layers" in refused.stderr

@@ -176,7 +176,7 @@ def test_pair_classification_train_and_distill_with_cached_teacher(pairs, small_
     teacher = json.loads((tmp_path / "teacher" / "kdship.json").read_text())
     assert teacher["metrics"]["accuracy"] > 0.5
     kdship_ok("distill", "--teacher", tmp_path / "teacher", "--student", "bert:layers=1", "--objective", "match",
-              "--match-loss", "classify", *data, "--max-steps", 8, "--select-by", tmp_path / "teacher",
+              "--match-loss", "classify", *data, "--max-steps", 10, "--select-by", tmp_path / "teacher",
               "--select-mode", "weighted", "-o", tmp_path / "student")
     record = json.loads((tmp_path / "student" / "kdship.json").read_text())
     assert record["training"]["teacher_cache"] and record["training"]["teacher_forward_calls"] == 0

@@ -176,13 +176,17 @@ def test_multi_student_shares_one_teacher_forward_and_both_improve(teacher_dir, 
 
 def test_teacher_logits_are_cached_when_safe_and_not_otherwise(teacher_dir, data_dir, tmp_path):
     args = ["--teacher", teacher_dir, "--student", "bert:layers=1", "--data", data_dir / "train.tsv",
-            "--max-steps", 5, "--batch-size", 16]
+            "--max-steps", 25, "--batch-size", 16]  # 25 x 16: every one of the 400 examples once
     kdship_ok("distill", *args, "-o", tmp_path / "cached")
     cached = json.loads((tmp_path / "cached" / "kdship.json").read_text())["training"]
     assert cached["teacher_cache"] and cached["teacher_forward_calls"] == 0
     kdship_ok("distill", *args, "--teacher-cache", "off", "-o", tmp_path / "live")
     live = json.loads((tmp_path / "live" / "kdship.json").read_text())["training"]
-    assert not live["teacher_cache"] and live["teacher_forward_calls"] == 5
+    assert not live["teacher_cache"] and live["teacher_forward_calls"] == 25
+    # a run that reads 80 of the 400 examples: caching would run the teacher on 320 it never reads
+    kdship_ok("distill", *args, "--max-steps", 5, "-o", tmp_path / "short")
+    short = json.loads((tmp_path / "short" / "kdship.json").read_text())["training"]
+    assert not short["teacher_cache"] and short["teacher_forward_calls"] == 5
     a = json.loads((tmp_path / "cached" / "kdship.json").read_text())
     b = json.loads((tmp_path / "live" / "kdship.json").read_text())
     assert a["training"]["loss_first"] == pytest.approx(b["training"]["loss_first"], rel=1e-4)
