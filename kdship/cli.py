@@ -156,8 +156,9 @@ MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help="stop after
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size")]
 GradAccum = Annotated[Optional[int], typer.Option("--grad-accum", help="micro-batches per optimizer step")]
 Lr = Annotated[Optional[float], typer.Option("--lr", help="peak learning rate")]
-StudentLr = Annotated[Optional[float], typer.Option("--lr", help="peak learning rate; default by how each student "
-                                                                 "starts: 1e-4 pretrained, 5e-4 random")]
+StudentLr = Annotated[Optional[float], typer.Option("--lr", help="peak learning rate; default by how each student's "
+                                                                 "weights began: 1e-4 pretrained, 5e-4 random "
+                                                                 "(kept in later stages)")]
 EvalEvery = Annotated[Optional[int], typer.Option("--eval-every", help="evaluate every N steps (default: per epoch)")]
 SaveEvery = Annotated[Optional[int], typer.Option("--save-every", help="checkpoint every N steps for --resume")]
 ReportTo = Annotated[Optional[list[str]], typer.Option("--report-to", help="tensorboard | wandb | mlflow (repeat or "

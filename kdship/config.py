@@ -368,8 +368,9 @@ class DistillConfig(RunConfig):
     )
     init_from_teacher: bool = Field(True, description="copy every k-th teacher layer into a same-width spec student")
     lr: float | None = Field(
-        None, gt=0, le=1.0, description="peak learning rate; default per student by its start: 1e-4 with pretrained "
-        "weights (copied from the teacher or loaded), 5e-4 randomly initialised (measured: README, issue 12)")
+        None, gt=0, le=1.0, description="peak learning rate; default per student by how its weights began: 1e-4 "
+        "pretrained (copied from the teacher or loaded), 5e-4 random init, also in the later stages and runs of a "
+        "student kdship trained from random init (measured: README, issue 12)")
     train_layers: list[int] | None = Field(
         None, description="train only these student layers (1-based; 0: the embeddings), the rest frozen; feature "
                           "losses read these layers only (stage-wise progressive distillation)")

@@ -181,7 +181,8 @@ def test_a_dimension_the_teacher_holds_constant_does_not_outweigh_the_others():
 
 def test_learning_rate_default_follows_how_the_student_starts(teacher_dir, data_dir, tmp_path):
     """A randomly initialised student gets 5e-4 (at 1e-4 task KD sits ~130 steps at the majority class), one with
-    the teacher's layers 1e-4; --lr sets both; the optimizer really uses it."""
+    the teacher's layers 1e-4, and each keeps its origin's rate when a later run (a pipeline's next stage) continues
+    it; a model kdship did not distil counts as pretrained; --lr sets both; the optimizer really uses it."""
     import json
 
     from conftest import kdship_ok
@@ -193,6 +194,9 @@ def test_learning_rate_default_follows_how_the_student_starts(teacher_dir, data_
 
     assert lr_of("random", "bert:layers=1,hidden=48,heads=2,ffn=96") == 5e-4
     assert lr_of("copied", "bert:layers=1") == 1e-4
+    assert lr_of("random-continued", tmp_path / "random") == 5e-4
+    assert lr_of("copied-continued", tmp_path / "copied") == 1e-4
+    assert lr_of("pretrained", teacher_dir) == 1e-4
     assert lr_of("given", "bert:layers=1,hidden=48,heads=2,ffn=96", "--lr", "3e-5") == 3e-5
 
 
