@@ -5,10 +5,12 @@ for teachers, data and step budgets:
 (a) random 4L-312 student, the same total steps: task KD alone (pipelines/task_kd.yaml) vs general -> task
     (pipelines/tinybert.yaml) vs the 4-stage progressive recipe (pipelines/progressive.yaml). Claim: the better
     staged recipe is >= 3 pt above task KD alone and retains >= 92% of the teacher (>= 97% on the GPU budget).
+    Beside them, not part of the claim, pipelines/transfer_set.yaml: task KD after the teacher's predictions on the
+    unlabeled reviews, without feature stages (what the unlabeled text alone gives).
     On the GPU budget the same again with a BERT-base-shape teacher made here (masked-LM on the corpus, then
     fine-tuned): too slow for 2 CPU cores.
 (b) 3-layer student from the teacher's layers: hard labels only vs task_kd.yaml vs task_kd_features.yaml vs
-    minilmv2.yaml. Claim: the best distillation recipe retains >= 99% and is >= 0.5 pt above hard labels.
+    minilmv2.yaml vs transfer_set.yaml (half the steps on the unlabeled reviews). Claim: the best distillation recipe retains >= 99% and is >= 0.5 pt above hard labels.
 (c) reverse warm-up (reverse_sample_value.py's runs): masked-LM pre-training from scratch and a bi-encoder from
     scratch, with and without a smaller model trained first. Claim: fewer steps to the target, final no worse.
 (d) sample-value selection: fine-tuning MiniLM with and without a small model's picks. Claim: fewer steps to plain

@@ -333,7 +333,7 @@ def _default_losses() -> list[LossSpec]:
 
 
 # techniques that score, order, probe or target training examples by their labels
-LABEL_READING_TECHNIQUES = ("selection", "ema", "virtual_teacher", "early_exit", "curriculum", "peers", "cross_task")
+LABEL_READING_TECHNIQUES = ("selection", "virtual_teacher", "early_exit", "curriculum", "cross_task")
 
 
 class DistillConfig(RunConfig):
