@@ -10,7 +10,8 @@ for teachers, data and step budgets:
     On the GPU budget the same again with a BERT-base-shape teacher made here (masked-LM on the corpus, then
     fine-tuned): too slow for 2 CPU cores.
 (b) 3-layer student from the teacher's layers: hard labels only vs task_kd.yaml vs task_kd_features.yaml vs
-    minilmv2.yaml vs transfer_set.yaml (half the steps on the unlabeled reviews). Claim: the best distillation recipe retains >= 99% and is >= 0.5 pt above hard labels.
+    minilmv2.yaml vs transfer_set.yaml (half the steps on the unlabeled reviews). Claim: the best distillation
+    recipe retains >= 99% and is >= 0.5 pt above hard labels.
 (c) reverse warm-up (reverse_sample_value.py's runs): masked-LM pre-training from scratch and a bi-encoder from
     scratch, with and without a smaller model trained first. Claim: fewer steps to the target, final no worse.
 (d) sample-value selection: fine-tuning MiniLM with and without a small model's picks. Claim: fewer steps to plain
