@@ -321,11 +321,12 @@ def _build_run(cfg: DistillConfig, runtime: Runtime, run_dir: Path) -> DistillRu
     teacher.models = [runtime.frozen_module(m, cfg.teacher_sharding) for m in teacher.models] if "teacher" in needs \
         else []
     teacher.qkv_layers = frozenset(t.details["layer_map"][-1] - 1 for t in trainees) if "qkv" in needs else frozenset()
-    total, _ = total_steps_for(cfg, len(data.train.features), runtime.world, draw_size_for(cfg))
-    examples_drawn = total * cfg.grad_accum * draw_size_for(cfg) * runtime.world
-    attach_teacher_cache(cfg, needs, teacher, data, runtime, run_dir, ref.config, examples_drawn)
+    draw_size = draw_size_for(cfg)
+    total, _ = total_steps_for(cfg, len(data.train.features), runtime.world, draw_size)
+    attach_teacher_cache(cfg, needs, teacher, data, runtime, run_dir, ref.config,
+                         examples_drawn=total * cfg.grad_accum * draw_size * runtime.world)
     techniques = build_techniques(TechniqueContext(cfg, trainees, ref.tokenizer, data.train, runtime, total,
-                                                   draw_size_for(cfg), teacher, data.label_names, data.max_length))
+                                                   draw_size, teacher, data.label_names, data.max_length))
     collator = mlm_collator_for(cfg, ref.tokenizer)
     evaluate = _evaluation(cfg, trainees, teacher, ref.tokenizer, data, runtime, collator)
     _prepare_trainees(cfg, trainees, needs, ref.config, runtime)
