@@ -65,9 +65,16 @@ class RunData:
 
     def record(self) -> dict[str, Any]:
         tables = {"train": (self.train_table, self.train), "eval": (self.eval_table, self.eval)}
-        record = {name: {"source": t.source, "fingerprint": t.fingerprint, "n": len(t), **_lm_shape(t, encoded)}
+        record = {name: {"source": t.source, "fingerprint": t.fingerprint, "n": len(t), **_labels_read(t),
+                         **_lm_shape(t, encoded)}
                   for name, (t, encoded) in tables.items() if t}
         return {**record, "max_length": self.max_length}
+
+
+def _labels_read(table: TextTable | LmTable) -> dict[str, bool]:
+    """Whether a text table's labels were read: a transfer-set run trains on the teacher's predictions alone, even
+    where its training table has a label column."""
+    return {"labels_read": table.raw_labels is not None} if isinstance(table, TextTable) else {}
 
 
 def _lm_shape(table: TextTable | LmTable, encoded: Encoded) -> dict[str, Any]:

@@ -88,6 +88,7 @@ def test_a_classifier_distils_from_unlabeled_text_when_only_the_teacher_is_read(
               "--lr", "2e-3", "-o", student)
     record = json.loads((student / "kdship.json").read_text())
     assert record["student"]["tensors_copied_from_teacher"] == 0
+    assert not record["data"]["train"]["labels_read"] and record["data"]["eval"]["labels_read"]
     assert record["metrics"]["accuracy"] > 0.7  # chance is 0.5: the teacher's predictions alone taught it
     result = kdship("distill", "--teacher", teacher_dir, "--student", "bert:layers=1,hidden=16,heads=1", "--data",
                     text, "--loss", "kd:1", "--loss", "ce:1", "--max-steps", 2, "-o", tmp_path / "with-ce")
