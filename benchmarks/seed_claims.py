@@ -19,6 +19,7 @@ for teachers, data and step budgets:
 Accuracy curves (x = total steps) in the JSON; every run's record stays in --work until the end.
 
     python benchmarks/seed_claims.py --minilm DIR [--teacher DIR] [--parts a,b,c,d] [--gpu] [--work runs/seed]
+                                     [--seed N]   (parts a and b again at another students' seed, a file of their own)
 
 About 2 hours on 2 CPU cores; --gpu sizes it for one H100/H200 (benchmarks/gpu/verify.sh runs it).
 --teacher reuses a MiniLM already fine-tuned on SST-2's first teacher_train rows (its accuracy is read from its
@@ -56,8 +57,9 @@ THREE_LAYER = {"hard_labels_only": ("task_kd.yaml", [{"name": "ce", "weight": 1.
 # students' 8,000 rows for one epoch (82.45% dev) was matched by a 3-layer student on hard labels alone (101%
 # retention): a teacher no better than the student can become leaves KD nothing to teach. Users distil from a
 # teacher fine-tuned on all of its task's data, and so does this benchmark.
+# seed: the students' in parts a and b (kdship's default, 42, unless --seed)
 CPU = {"sst2_train": 16000, "teacher_train": None, "general_samples": 60000, "teacher_epochs": 1, "batch": 32,
-       "a_steps": 1200, "a_eval_every": 100, "b_steps": 500, "b_eval_every": 50, "retention_target_a": 0.92,
+       "seed": 42, "a_steps": 1200, "a_eval_every": 100, "b_steps": 500, "b_eval_every": 50, "retention_target_a": 0.92,
        "bert_base": False,
        # (c) and (d), in reverse_sample_value.py's terms
        "small": "bert:layers=2,hidden=128,heads=2,ffn=512", "large": "bert:layers=4,hidden=256,heads=4,ffn=1024",
@@ -136,7 +138,7 @@ def staged_recipe(recipe: str, shares: list[float], teachers: dict[str, str], s:
     datasets = {name: task_data(s) if name == "task" else {**generic_data(s), "eval": task_data(s)["eval"]}
                 for name in spec["datasets"]}
     spec.update(teachers={name: teachers[name] for name in spec["teachers"]}, datasets=datasets, stages=stages,
-                student=student, output=str(output), overwrite=True,
+                student=student, output=str(output), overwrite=True, seed=s["seed"],
                 common={**spec.get("common", {}), "batch_size": s["batch"], "eval_every": s[f"{part}_eval_every"]})
     return PipelineConfig(**spec), steps
 
@@ -148,7 +150,7 @@ def staged_vs_task_kd(s: dict[str, Any], teachers: dict[str, str], teacher_accur
     out = work / "a-task_kd"
     seconds = timed(distill_recipe, PIPELINES / "task_kd.yaml", teacher=teachers["finetuned"], student=RANDOM_STUDENT,
                     data=task_data(s), max_steps=s["a_steps"], batch_size=s["batch"], eval_every=s["a_eval_every"],
-                    output=str(out), overwrite=True)
+                    seed=s["seed"], output=str(out), overwrite=True)
     runs["task_kd_only"] = outcome(read_record(out), teacher_accuracy, seconds)
     for name, (recipe, shares) in {**STAGED, "transfer_set": TRANSFER_SET}.items():
         runs[name] = pipeline_outcome(recipe, shares, teachers, s, work / f"a-{name}", teacher_accuracy)
@@ -180,7 +182,7 @@ def three_layer_student(s: dict[str, Any], teachers: dict[str, str], teacher_acc
         out = work / f"b-{name}"
         seconds = timed(distill_recipe, PIPELINES / recipe, teacher=str(teacher), student="bert:layers=3",
                         data=task_data(s), losses=losses, max_steps=s["b_steps"], batch_size=s["batch"],
-                        eval_every=s["b_eval_every"], output=str(out), overwrite=True)
+                        eval_every=s["b_eval_every"], seed=s["seed"], output=str(out), overwrite=True)
         runs[name] = {**outcome(read_record(out), teacher_accuracy, seconds), "recipe": recipe}
     runs["transfer_set"] = pipeline_outcome(*TRANSFER_SET, teachers, s, work / "b-transfer_set", teacher_accuracy,
                                             student="bert:layers=3", part="b")
@@ -295,12 +297,18 @@ def main() -> None:
     parser.add_argument("--teacher", type=Path, help="MiniLM already fine-tuned on SST-2 (the first teacher_train rows)")
     parser.add_argument("--parts", default="a,b,c,d")
     parser.add_argument("--work", type=Path, default=Path("runs/seed_claims"))
+    parser.add_argument("--seed", type=int, help="the students' seed in parts a and b (default 42); results go to "
+                                                 "a file of their own, seed_claims[_gpu]_seed<N>.json")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--gpu", action="store_true", help="the GPU budget")
     size.add_argument("--smoke", action="store_true", help="a few steps of everything: checks the script runs")
     args = parser.parse_args()
     s = GPU if args.gpu else SMOKE if args.smoke else CPU
     parts = args.parts.split(",")
+    if args.seed is not None:
+        if not set(parts) <= {"a", "b"}:
+            parser.error("--seed sets the students' seed in parts a and b only; pass --parts a,b (or one of them)")
+        s = {**s, "seed": args.seed}
     args.work.mkdir(parents=True, exist_ok=True)
     started, commit = time.perf_counter(), git_commit()  # the code that runs, not what HEAD is when it ends
     results = run_parts(parts, s, args.minilm, args.teacher, args.work)
@@ -310,7 +318,7 @@ def main() -> None:
     if args.smoke:  # a few steps say nothing: no result file
         print(f"smoke run finished in {time.perf_counter() - started:.0f} s ({device_name()})")
     else:
-        name = "seed_claims_gpu" if args.gpu else "seed_claims"
+        name = ("seed_claims_gpu" if args.gpu else "seed_claims") + ("" if args.seed is None else f"_seed{args.seed}")
         results["runs_of_this_invocation"] = {"parts": parts, "commit": commit, "device": device_name(),
                                               "seconds": round(time.perf_counter() - started, 1),
                                               "settings": {**s, "random_student": RANDOM_STUDENT}}
