@@ -287,14 +287,15 @@ def merged_with_earlier_parts(name: str, results: dict[str, Any]) -> dict[str, A
     for previous in earlier.get("invocations", []):  # files written before settings were kept per invocation
         previous.setdefault("settings", earlier_file.get("settings"))
     invocation = results.pop("runs_of_this_invocation")
-    kept = {k: v for k, v in earlier.items() if k not in results and k not in ("invocations", "runs_of_this_invocation")}
+    own_keys = ("invocations", "runs_of_this_invocation")
+    kept = {k: v for k, v in earlier.items() if k not in results and k not in own_keys}
     return {**kept, **results, "invocations": earlier.get("invocations", []) + [invocation]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minilm", type=Path, required=True, help="folder from ../shared/get-minilm.sh")
-    parser.add_argument("--teacher", type=Path, help="MiniLM already fine-tuned on SST-2 (the first teacher_train rows)")
+    parser.add_argument("--teacher", type=Path, help="MiniLM fine-tuned on SST-2 (the first teacher_train rows)")
     parser.add_argument("--parts", default="a,b,c,d")
     parser.add_argument("--work", type=Path, default=Path("runs/seed_claims"))
     parser.add_argument("--seed", type=int, help="the students' seed in parts a and b (default 42); results go to "
